@@ -1,0 +1,86 @@
+# M4CXR reproduction. `make all` sets up .venv and runs every notebook; `make test` runs the tests.
+# PRESET=smoke|tiny|paper (default tiny). Executed notebooks and artifacts go to build/<PRESET>/.
+
+PRESET ?= tiny
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KERNEL := m4cxr
+BUILD ?= build/$(PRESET)
+FIGURES ?= figures
+PYTEST_ARGS ?=
+
+ifeq ($(filter $(PRESET),smoke tiny paper),)
+$(error unknown PRESET '$(PRESET)': use PRESET=smoke, PRESET=tiny (default) or PRESET=paper)
+endif
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
+EXECUTED := $(patsubst notebooks/%,$(BUILD)/notebooks/%,$(NOTEBOOKS))
+STAMP := $(VENV)/.installed
+RUN_NOTEBOOK := $(PY) -m cxrlib.run_notebook --preset $(PRESET) --output-dir $(BUILD) --figure-dir $(FIGURES)
+
+.DEFAULT_GOAL := help
+.PHONY: help all smoke install test lint format lab clean clean-all benchmarks
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  variables: PRESET=smoke|tiny|paper (default tiny), BUILD=$(BUILD), FIGURES=$(FIGURES)"
+
+install: $(STAMP) ## create .venv, install cxrlib with its dependencies and the Jupyter kernel
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import cxrlib, torch, transformers, peft, timm, papermill"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (m4cxr)" >/dev/null
+	@touch $@
+
+all: $(EXECUTED) ## run every notebook in order with papermill (PRESET=tiny) and regenerate figures/
+	@echo "done: executed notebooks in $(BUILD)/notebooks, figures in $(FIGURES)/"
+
+smoke: ## the same pipeline with the smoke preset, into build/smoke (figures too)
+	$(MAKE) all PRESET=smoke BUILD=build/smoke FIGURES=build/smoke/figures
+
+# One rule runs any notebook; the lines below it are the real hand-offs between stages, so an
+# unchanged stage is not re-run.
+$(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb cxrlib/presets/$(PRESET).yaml $(STAMP)
+	$(RUN_NOTEBOOK) $< $@
+
+DATA_LIB := $(wildcard cxrlib/data/*.py)
+MODEL_LIB := $(wildcard cxrlib/model/*.py) cxrlib/tokenizer.py
+TRAIN_LIB := cxrlib/train.py cxrlib/backbones.py
+EVAL_LIB := cxrlib/inference.py cxrlib/labeler.py cxrlib/metrics.py cxrlib/evaluate.py
+nb = $(BUILD)/notebooks/$(1).ipynb
+$(call nb,00-overview): cxrlib/plotting.py
+$(call nb,01-data-prep): $(DATA_LIB)
+$(call nb,02-backbones): $(call nb,01-data-prep) $(MODEL_LIB) $(TRAIN_LIB)
+$(call nb,03-projector-pretraining): $(call nb,02-backbones)
+$(call nb,04-instruction-tuning-lora): $(call nb,03-projector-pretraining)
+$(call nb,05-cot-inference): $(call nb,04-instruction-tuning-lora) $(EVAL_LIB)
+$(call nb,06-evaluation): $(call nb,05-cot-inference)
+$(call nb,07-ablations): $(call nb,04-instruction-tuning-lora)
+$(call nb,08-explorer): $(call nb,05-cot-inference)
+
+test: $(STAMP) ## run the whole test suite (unit tests and smoke runs of every notebook)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check cxrlib tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check cxrlib tests benchmarks notebooks
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix cxrlib tests benchmarks notebooks
+	$(VENV)/bin/ruff format cxrlib tests benchmarks notebooks
+
+lab: $(STAMP) ## open JupyterLab on the notebooks with the project's kernel
+	$(VENV)/bin/jupyter lab notebooks
+
+benchmarks: $(STAMP) ## print speed and memory figures (tiny preset, CPU)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: ## remove executed notebooks and artifacts (build/) and caches; keeps .venv and figures/
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+clean-all: clean ## also remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,97 @@
+"""Constants of the M4CXR recipe: special tokens, prompt strings and label names.
+
+Every string here is copied from the paper's conversation format (see ``../shared/M4CXR.md``),
+so that the data layer, the model and the evaluation agree on one spelling.
+"""
+
+IGNORE_INDEX = -100  # label value that the cross-entropy loss skips (non-assistant tokens)
+IMAGE_TOKEN = "<image>"  # placeholder; expanded to ``projector.num_queries`` positions per image
+
+# Mistral chat markers (the card: ``<s>[INST] {user} [/INST]{assistant}</s>``).
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+PAD_TOKEN = "<pad>"
+INST_OPEN = "[INST]"
+INST_CLOSE = "[/INST]"
+
+SYSTEM_TEXT = (
+    "The following is a conversation between a curious human and an AI medical assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# The 14 CheXpert observations, in CheXpert's order.
+CHEXPERT_LABELS = [
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
+
+# The 13 findings the chain-of-thought turn asks about, lowercase, in the card's order.
+COT_FINDINGS = [
+    "enlarged cardiomediastinum",
+    "cardiomegaly",
+    "lung opacity",
+    "lung lesion",
+    "edema",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "pneumothorax",
+    "pleural effusion",
+    "pleural other",
+    "fracture",
+    "support devices",
+]
+
+# The 5 labels of mF1-5 / uF1-5.
+FIVE_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
+# Label values used throughout (CheXpert convention; "blank" is represented as None / NaN).
+POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
+
+# Organs the grounding tasks ask about.
+ORGANS = ["left lung", "right lung", "heart"]
+
+FRONTAL_VIEWS = ("PA", "AP")
+LATERAL_VIEW = "LATERAL"
+
+# Task names (one per conversation format of the card). Groups drive the mixture sampler.
+TASK_GROUPS = {
+    "report": [
+        "cot_single",
+        "cot_multi_image",
+        "cot_multi_study",
+    ],
+    "classification": [
+        "single_disease",
+        "multi_label",
+    ],
+    "localization": [
+        "finding_grounding",
+        "grounded_finding",
+        "multi_finding_grounding",
+        "abnormality_detection",
+        "organ_grounding",
+        "grounded_organ",
+        "phrase_grounding",
+        "grounded_phrase",
+    ],
+    "vqa": [
+        "vqa",
+        "difference_vqa",
+    ],
+}
+# Tasks outside the phase-2 mixture: phase-1 pairs and the no-CoT ablation.
+EXTRA_TASKS = ["report_only", "direct_report"]

@@ -1,0 +1,84 @@
+"""Small helpers every notebook uses: seeding, device choice, output folders, stage hand-off."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class MissingArtifactError(FileNotFoundError):
+    """A stage's input does not exist yet; the message names the notebook that makes it."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; otherwise the named device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (the project's default precision)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def output_dir(preset: str, root: str | Path | None = None) -> Path:
+    """The folder a preset's artifacts go to: ``$CXR_OUTPUT_ROOT/<preset>`` or ``build/<preset>``."""
+    root = Path(root or os.environ.get("CXR_OUTPUT_ROOT", REPO_ROOT / "build"))
+    path = root / preset
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require_artifact(path: str | Path, made_by: str) -> Path:
+    """Return ``path`` if it exists, else raise an error naming the notebook that makes it.
+
+    Args:
+        path: the file or folder a stage needs.
+        made_by: the notebook that writes it, e.g. ``"03-projector-pretraining"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingArtifactError(
+            f"{path} does not exist: run notebook {made_by} first "
+            f"(`make build/notebooks/{made_by}.ipynb`, or `make all`)."
+        )
+    return path
+
+
+def save_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
+    """Store a notebook's metrics as JSON (tests and later notebooks read them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, default=_to_builtin))
+    return path
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _to_builtin(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a metrics file")

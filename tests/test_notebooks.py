@@ -1,0 +1,108 @@
+"""Notebooks: committed clean, parameterised, and runnable end to end under the `smoke` preset.
+
+The smoke runs execute every notebook in order (each reads what the previous one wrote) into one
+temporary output folder, then assert on the metrics each notebook stored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from cxrlib import run_notebook
+from cxrlib.utils import REPO_ROOT
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+NAMES = [p.stem for p in NOTEBOOKS]
+PARAMETERS = ("PRESET", "SEED", "DEVICE", "OUTPUT_DIR", "FIGURE_DIR")
+
+
+def _read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def test_there_are_notebooks():
+    assert NAMES and NAMES[0] == "00-overview"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_committed_without_outputs(path):
+    for cell in _read(path).cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} has outputs committed"
+            assert cell.execution_count is None, f"{path.name} has execution counts"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_follows_the_template(path):
+    nb = _read(path)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    for name in PARAMETERS:
+        assert f"{name}:" in tagged[0].source, f"{path.name}: parameters cell lacks {name}"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    assert nb.metadata["kernelspec"]["name"] == run_notebook.KERNEL
+
+
+# --- smoke runs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smoke_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+_status: dict[str, str] = {}
+
+
+def _execute_upto(name: str, root: Path) -> None:
+    """Run every notebook up to ``name`` once per session, in order."""
+    for path in NOTEBOOKS:
+        stem = path.stem
+        if stem not in _status:
+            if any(v != "ok" for v in _status.values()):
+                _status[stem] = "skipped: an earlier notebook failed"
+            else:
+                try:
+                    run_notebook.run(
+                        path,
+                        root / "notebooks" / path.name,
+                        preset="smoke",
+                        output_dir=str(root),
+                        figure_dir=str(root / "figures"),
+                    )
+                    _status[stem] = "ok"
+                except SystemExit as err:  # run() reports failures as one line
+                    _status[stem] = str(err)
+        if stem == name:
+            return
+
+
+def _metrics(root: Path, name: str) -> dict:
+    path = root / "metrics" / f"{name}.json"
+    assert path.exists(), f"{name} stored no metrics at {path}"
+    return json.loads(path.read_text())
+
+
+# What each notebook must have measured; a notebook without an entry must still store metrics.
+CHECKS = {
+    "00-overview": lambda m: m["tokens_per_image"] == 4 and m["patches_per_image"] == 16,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_under_smoke_and_stores_metrics(name, smoke_dir):
+    _execute_upto(name, smoke_dir)
+    assert _status[name] == "ok", _status[name]
+    metrics = _metrics(smoke_dir, name)
+    assert metrics, f"{name} stored an empty metrics file"
+    check = CHECKS.get(name)
+    if check:
+        assert check(metrics), f"{name} metrics failed their check: {metrics}"
+    assert any((smoke_dir / "figures").glob(f"{name[:2]}-*.png")), f"{name} wrote no figure"
