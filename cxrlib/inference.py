@@ -1,0 +1,577 @@
+"""Inference: chain-of-thought reports, grounding and VQA, through one backend interface.
+
+A request is a ``Chat``: the user turns (with ``<image>`` placeholders) and the images. A
+``Backend`` answers every turn of a batch of chats, each turn conditioned on the model's own
+earlier answers. Two backends exist:
+
+- ``LocalBackend``: a checkpoint trained here (``cxrlib.model.load_trained``). The chain-of-thought
+  second turn continues from the first turn's KV cache, so the images and turn 1 are not
+  encoded again.
+- ``OfficialBackend``: the released ``Deepnoid/M4CXR-TNNLS`` through ``transformers`` remote code,
+  for users who have it in their local Hugging Face cache.
+
+    >>> backend = LocalBackend.from_checkpoint(out / "phase2")
+    >>> records = generate_reports(backend, test_studies, images, mode="single", cot=True)
+    >>> records[0]["findings"], records[0]["report"]
+
+Prompts come from ``cxrlib.data.conversations`` (the card's exact strings), so training and
+inference cannot drift apart. Parsers (``parse_findings``, ``parse_yes_no``, ...) never raise on
+malformed model output: they return None, which the evaluation counts as wrong. Used by
+notebooks 05 and 06.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cxrlib.config import load_config
+from cxrlib.constants import COT_FINDINGS, FRONTAL_VIEWS, IMAGE_TOKEN, SYSTEM_TEXT
+from cxrlib.data.boxes import parse_boxes
+from cxrlib.data.conversations import (
+    DIFF_VQA_PREFIX,
+    DIFF_VQA_Q,
+    NOT_FOUND,
+    NOT_PRESENT,
+    ORGAN_GROUNDING_Q,
+    PHRASE_GROUNDING_Q,
+    VQA_Q,
+    finding_grounding_question,
+    image_prefix,
+    report_user_turns,
+)
+from cxrlib.data.tokenize import encode_prompt, user_text
+from cxrlib.model import M4CXR, ImageProcessor, check_image, load_trained
+from cxrlib.model.m4cxr import SequenceTooLongError
+from cxrlib.tokenizer import MissingWeightsError, missing_weights_message
+from cxrlib.utils import default_dtype, resolve_device
+
+OFFICIAL_ID = "Deepnoid/M4CXR-TNNLS"
+MAX_IMAGES_PER_STUDY = 5  # the card: up to 5 images of one study
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and backends
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Chat:
+    """One conversation to answer.
+
+    Attributes:
+        turns: user strings in order; ``<image>`` placeholders only in the first.
+        images: grayscale uint8 ``(H, W)`` arrays, one per placeholder, in order.
+        meta: anything to carry along (study id, task, reference answers, ...).
+    """
+
+    turns: list[str]
+    images: list[np.ndarray]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.turns:
+            raise ValueError("a Chat needs at least one user turn")
+        n_placeholders = sum(t.count(IMAGE_TOKEN) for t in self.turns)
+        if n_placeholders != len(self.images):
+            raise ValueError(
+                f"the chat has {n_placeholders} {IMAGE_TOKEN} placeholder(s) but "
+                f"{len(self.images)} image(s); give one image per placeholder, in order"
+            )
+        if any(IMAGE_TOKEN in t for t in self.turns[1:]):
+            raise ValueError(f"only the first turn may contain {IMAGE_TOKEN}")
+        for i, image in enumerate(self.images):
+            check_image(image, f"image {i} of the chat")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Anything that answers chats turn by turn (greedy)."""
+
+    name: str
+
+    def answer(self, chats: Sequence[Chat], max_new_tokens: int) -> list[list[str]]:
+        """Return, for each chat, the assistant's answer to every user turn."""
+        ...
+
+
+class LocalBackend:
+    """A model trained with ``cxrlib`` (any preset), batched, with KV-cache reuse across turns.
+
+    Args:
+        model: an ``M4CXR`` (e.g. from ``load_trained``); its ``tokenizer`` attribute is used.
+        cfg: the resolved preset (image preprocessing, default ``max_new_tokens``).
+        batch_size: chats per forward pass.
+        reuse_cache: continue later turns from the cache (True, the normal path) or re-encode
+            images and earlier turns (False: slower, same output; for benchmarks and tests).
+    """
+
+    name = "local"
+
+    def __init__(self, model: M4CXR, cfg: dict, batch_size: int = 8, reuse_cache: bool = True):
+        if model.tokenizer is None:
+            raise ValueError("the model has no tokenizer attached: build it with build_model")
+        self.model, self.cfg, self.tokenizer = model, cfg, model.tokenizer
+        self.processor = ImageProcessor(cfg)
+        self.batch_size = batch_size
+        self.reuse_cache = reuse_cache
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | Path, device: str = "auto", batch_size: int | None = None, **kw
+    ) -> LocalBackend:
+        """Load ``directory`` (written by ``save_trained``) onto ``device`` (auto = cuda if any)."""
+        model = load_trained(directory, device=resolve_device(device))
+        cfg = load_config(directory)
+        return cls(model, cfg, batch_size or cfg["inference"]["batch_size"], **kw)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _turn_ids(self, text: str) -> list[int]:
+        """A later user turn exactly as training tokenizes it (``[INST] {user} [/INST]``)."""
+        return list(
+            self.tokenizer(user_text(text, first=False), add_special_tokens=False)["input_ids"]
+        )
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.model.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return ids.to(self.device), mask.to(self.device)
+
+    def prompt_ids(self, chat: Chat) -> list[int]:
+        """Turn-1 prompt ids (system text, images expanded), checked against ``llm.max_length``."""
+        ids = encode_prompt(
+            [{"user": chat.turns[0]}], self.tokenizer, self.model.num_image_tokens, len(chat.images)
+        )
+        if len(ids) > self.model.max_length:
+            raise SequenceTooLongError(
+                f"the prompt of chat {chat.meta or ''} has {len(ids)} tokens, more than "
+                f"llm.max_length = {self.model.max_length}"
+            )
+        return ids
+
+    # -- the interface -------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, chats: Sequence[Chat], max_new_tokens: int | None = None) -> list[list[str]]:
+        """Answer every turn of every chat (batched; chats are grouped by number of turns)."""
+        max_new_tokens = max_new_tokens or self.cfg["inference"]["max_new_tokens"]
+        prompts = [self.prompt_ids(c) for c in chats]  # all length checks before any compute
+        answers: list[list[str]] = [[] for _ in chats]
+        by_turns: dict[int, list[int]] = {}
+        for i, c in enumerate(chats):
+            by_turns.setdefault(len(c.turns), []).append(i)
+        for group in by_turns.values():
+            for start in range(0, len(group), self.batch_size):
+                idx = group[start : start + self.batch_size]
+                out = self._answer_batch(
+                    [chats[i] for i in idx], [prompts[i] for i in idx], max_new_tokens
+                )
+                for i, a in zip(idx, out):
+                    answers[i] = a
+        return answers
+
+    def _answer_batch(
+        self, chats: list[Chat], prompts: list[list[int]], max_new_tokens: int
+    ) -> list[list[str]]:
+        images = [im for c in chats for im in c.images]
+        pixel_values = self.processor(images).to(self.device) if images else None
+        ids, mask = self._left_pad(prompts)
+        result = self.model.generate(ids, mask, pixel_values, max_new_tokens=max_new_tokens)
+        history = [list(p) for p in prompts]  # full token history, for the re-encoding path
+        answers = [[self._decode(t)] for t in result.token_lists()]
+        for turn in range(1, len(chats[0].turns)):
+            new = [self._turn_ids(c.turns[turn]) for c in chats]
+            if self.reuse_cache:
+                ids, mask = self._left_pad(new)
+                result = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, past=result)
+            else:  # everything again: images, turn 1, the answer, the new turn
+                for h, gen, n in zip(history, result.token_lists(), new):
+                    h += gen + [self.model.eos_token_id] + n
+                ids, mask = self._left_pad(history)
+                result = self.model.generate(ids, mask, pixel_values, max_new_tokens=max_new_tokens)
+            for a, t in zip(answers, result.token_lists()):
+                a.append(self._decode(t))
+        return answers
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class OfficialBackend:
+    """The released M4CXR (``Deepnoid/M4CXR-TNNLS``) from the local Hugging Face cache.
+
+    Loads the model, its image processor and tokenizer with ``trust_remote_code=True`` and
+    ``local_files_only=True`` and follows the call sequence of the official demo: Mistral chat
+    template with the system text before the first user turn, one ``generate`` per turn with the
+    whole history (the remote code offers no cache reuse). The checkpoint is not available on
+    the machines this project is developed on, so this class is untested here; its contract is
+    the same ``answer`` as ``LocalBackend``.
+
+    Args:
+        hf_id: the hub id (default ``Deepnoid/M4CXR-TNNLS``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        max_length: the official maximum sequence length.
+
+    Raises:
+        MissingWeightsError: the checkpoint is not in the local cache (message says how to get it).
+    """
+
+    name = "official"
+
+    def __init__(self, hf_id: str = OFFICIAL_ID, device: str = "auto", max_length: int = 4095):
+        from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+        self.device = resolve_device(device)
+        kw = {"trust_remote_code": True, "local_files_only": True}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(hf_id, **kw)
+            self.processor = AutoProcessor.from_pretrained(hf_id, **kw)
+            self.model = AutoModel.from_pretrained(hf_id, dtype=default_dtype(self.device), **kw)
+        except OSError as err:
+            raise MissingWeightsError(missing_weights_message(hf_id)) from err
+        self.model.to(self.device).eval()
+        self.system_text = SYSTEM_TEXT
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def answer(self, chats: Sequence[Chat], max_new_tokens: int = 500) -> list[list[str]]:
+        from PIL import Image
+
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        out = []
+        for chat in chats:
+            pixel_values = None
+            if chat.images:
+                pil = [Image.fromarray(im).convert("RGB") for im in chat.images]
+                pixel_values = torch.as_tensor(
+                    np.array(image_processor(pil)["pixel_values"]), dtype=self.model.dtype
+                ).to(self.device)
+            messages, answers = [], []
+            for k, user in enumerate(chat.turns):
+                content = f"{self.system_text} {user}" if k == 0 else user
+                messages.append({"role": "user", "content": content})
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+                if hasattr(self.tokenizer, "encode_prompt"):  # the release's image-aware encoder
+                    ids = self.tokenizer.encode_prompt(text, max_length=self.max_length)[
+                        "input_ids"
+                    ]
+                else:
+                    ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+                output = self.model.generate(
+                    pixel_values=pixel_values,
+                    input_ids=torch.as_tensor(ids).reshape(1, -1).to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                )
+                reply = self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+                messages.append({"role": "assistant", "content": reply})
+                answers.append(reply)
+            out.append(answers)
+        return out
+
+
+def run_chats(
+    backend: Backend,
+    chats: Sequence[Chat],
+    max_new_tokens: int | None = None,
+    chunk_size: int = 64,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[list[str]]:
+    """Answer many chats with a progress bar (the backend batches inside each chunk).
+
+    Returns:
+        For each chat, the answers to its turns.
+    """
+    out: list[list[str]] = []
+    bar = tqdm(total=len(chats), desc=desc, disable=not progress)
+    for start in range(0, len(chats), chunk_size):
+        chunk = chats[start : start + chunk_size]
+        if max_new_tokens is None:
+            out += backend.answer(chunk)
+        else:
+            out += backend.answer(chunk, max_new_tokens)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (thin wrappers on cxrlib.data.conversations: one copy of every string)
+# ---------------------------------------------------------------------------------------------
+def report_chat(
+    images: Sequence[np.ndarray],
+    cot: bool = True,
+    prior_images: Sequence[np.ndarray] = (),
+    prior_report: str | None = None,
+    meta: dict | None = None,
+) -> Chat:
+    """Report generation: one image, several images of one study, or prior + follow-up studies.
+
+    Args:
+        images: the (current) study's images, at most 5.
+        cot: chain of thought (turn 1 asks for the 13 findings, turn 2 for the report) or the
+            direct single-turn prompt.
+        prior_images, prior_report: the prior study (multi-study mode) when given.
+    """
+    images = list(images)
+    if prior_images or prior_report:
+        mode = "multi_study"
+    else:
+        mode = "single" if len(images) == 1 else "multi_image"
+    turns = report_user_turns(mode, len(images), prior_report, len(prior_images), cot=cot)
+    return Chat(turns, list(prior_images) + images, dict(meta or {}, mode=mode, cot=cot))
+
+
+def finding_grounding_chat(image: np.ndarray, finding: str, meta: dict | None = None) -> Chat:
+    """``Is {finding} present ...? If so, provide the bounding box ...``"""
+    return Chat([finding_grounding_question(finding)], [image], dict(meta or {}))
+
+
+def organ_grounding_chat(image: np.ndarray, organ: str, meta: dict | None = None) -> Chat:
+    return Chat([_single(ORGAN_GROUNDING_Q.format(organ=organ))], [image], dict(meta or {}))
+
+
+def phrase_grounding_chat(image: np.ndarray, phrase: str, meta: dict | None = None) -> Chat:
+    return Chat([_single(PHRASE_GROUNDING_Q.format(phrase=phrase))], [image], dict(meta or {}))
+
+
+def vqa_chat(image: np.ndarray, question: str, meta: dict | None = None) -> Chat:
+    return Chat([_single(VQA_Q.format(question=question))], [image], dict(meta or {}))
+
+
+def difference_vqa_chat(
+    reference: np.ndarray, main: np.ndarray, question: str, meta: dict | None = None
+) -> Chat:
+    user = f"{DIFF_VQA_PREFIX} {DIFF_VQA_Q.format(question=question)}"
+    return Chat([user], [reference, main], dict(meta or {}))
+
+
+def _single(question: str) -> str:
+    return f"{image_prefix(1)} {question}"
+
+
+def conversation_chat(conv: dict, images: np.ndarray) -> Chat:
+    """A Chat from a conversation of ``cxrlib.data.conversations`` (its answers go to ``meta``).
+
+    Args:
+        conv: a conversation dict (``task``, ``images``, ``turns``, ``meta``).
+        images: the dataset's ``images.npy`` array (N, H, W).
+    """
+    meta = dict(conv.get("meta", {}))
+    meta.update(task=conv["task"], references=[t.get("assistant") for t in conv["turns"]])
+    return Chat([t["user"] for t in conv["turns"]], [images[i] for i in conv["images"]], meta)
+
+
+def run_conversations(
+    backend: Backend,
+    conversations: Sequence[dict],
+    images: np.ndarray,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Answer conversations (grounding, VQA, classification, ...) and keep their references.
+
+    Returns:
+        One record per conversation: ``task``, ``meta``, ``prompts``, ``references`` (the
+        conversation's own answers) and ``predictions`` (the model's, turn by turn).
+    """
+    chats = [conversation_chat(c, images) for c in conversations]
+    answers = run_chats(backend, chats, max_new_tokens, progress=progress, desc="conversations")
+    return [
+        {
+            "task": c["task"],
+            "meta": c.get("meta", {}),
+            "prompts": [t["user"] for t in c["turns"]],
+            "references": [t.get("assistant") for t in c["turns"]],
+            "predictions": a,
+        }
+        for c, a in zip(conversations, answers)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report generation over studies
+# ---------------------------------------------------------------------------------------------
+REPORT_MODES = ("single", "multi_image", "multi_study")
+
+
+def report_requests(
+    study: dict, images: np.ndarray, mode: str = "single", cot: bool = True
+) -> list[Chat]:
+    """The report chats of one study record (``studies.jsonl``) in a given input mode.
+
+    ``single``: one chat per image; ``multi_image``: one chat with the study's images (up to 5);
+    ``multi_study``: prior images + prior report, then the study's images; a study without a
+    prior falls back to ``multi_image`` (``meta["fallback"] = True``), as the card's protocol.
+    A multi-image request of a one-image study is a single-image request.
+    """
+    if mode not in REPORT_MODES:
+        raise ValueError(f"unknown report mode '{mode}': choose from {', '.join(REPORT_MODES)}")
+    recs = study.get("images", [])
+    if not recs:
+        return []
+    base = {"study_id": study["study_id"], "reference": study.get("findings_text", "")}
+    if mode == "single":
+        return [
+            report_chat(
+                [images[r["index"]]],
+                cot,
+                meta=dict(base, image_indices=[r["index"]], views=[r["view"]], fallback=False),
+            )
+            for r in recs
+        ]
+    current = recs[:MAX_IMAGES_PER_STUDY]
+    meta = dict(
+        base,
+        image_indices=[r["index"] for r in current],
+        views=[r["view"] for r in current],
+        fallback=False,
+    )
+    prior = study.get("prior")
+    if mode == "multi_study" and prior and prior.get("images") and prior.get("findings_text"):
+        prior_recs = prior["images"][:MAX_IMAGES_PER_STUDY]
+        meta["prior_image_indices"] = [r["index"] for r in prior_recs]
+        return [
+            report_chat(
+                [images[r["index"]] for r in current],
+                cot,
+                prior_images=[images[r["index"]] for r in prior_recs],
+                prior_report=prior["findings_text"].strip(),
+                meta=meta,
+            )
+        ]
+    meta["fallback"] = mode == "multi_study"
+    return [report_chat([images[r["index"]] for r in current], cot, meta=meta)]
+
+
+def generate_reports(
+    backend: Backend,
+    studies: Sequence[dict],
+    images: np.ndarray,
+    mode: str = "single",
+    cot: bool = True,
+    frontal_only: bool = False,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate Findings sections for studies, CoT or direct, in one of the three input modes.
+
+    Args:
+        backend: a ``Backend`` (``LocalBackend`` / ``OfficialBackend``).
+        studies: study records (``studies.jsonl``), e.g. the test split.
+        images: the ``images.npy`` array.
+        mode: ``single``, ``multi_image`` or ``multi_study`` (see ``report_requests``).
+        cot: two-turn chain of thought (True) or the direct prompt.
+        frontal_only: ``single`` mode only: skip lateral images.
+        max_new_tokens: default the preset's ``inference.max_new_tokens``.
+
+    Returns:
+        One record per request: ``study_id``, ``mode``, ``cot``, ``image_indices``, ``views``,
+        ``fallback``, ``reference``, ``findings_text`` (turn-1 answer or None), ``findings``
+        (parsed list or None if malformed), ``report`` (the final answer).
+    """
+    chats = [c for s in studies for c in report_requests(s, images, mode, cot)]
+    if frontal_only and mode == "single":
+        chats = [c for c in chats if c.meta["views"][0] in FRONTAL_VIEWS]
+    answers = run_chats(backend, chats, max_new_tokens, progress=progress, desc=f"{mode} reports")
+    records = []
+    for chat, ans in zip(chats, answers):
+        turn1 = ans[0] if cot else None
+        records.append(
+            {
+                **{k: v for k, v in chat.meta.items() if k != "cot"},
+                "cot": cot,
+                "findings_text": turn1,
+                "findings": parse_findings(turn1) if cot else None,
+                "report": ans[-1],
+            }
+        )
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Output parsers: malformed text -> None (never an exception)
+# ---------------------------------------------------------------------------------------------
+def _clean(text: str | None) -> str | None:
+    if not isinstance(text, str):
+        return None
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def parse_findings(text: str | None, strict: bool = True) -> list[str] | None:
+    """Parse a CoT turn-1 answer (``"cardiomegaly, edema."`` / ``"Not found."``).
+
+    Args:
+        text: the model's answer.
+        strict: if True every comma-separated item must be one of the 13 findings; if False
+            unknown items are ignored.
+
+    Returns:
+        The findings named, deduplicated, in the card's order ([] for "Not found."); None when
+        the answer is malformed (empty, or an unknown item in strict mode).
+    """
+    clean = _clean(text)
+    if not clean:
+        return None
+    clean = clean.rstrip(". ")
+    if clean == NOT_FOUND.lower().rstrip("."):
+        return []
+    items = [i.strip(" .") for i in clean.split(",")]
+    known = [i for i in items if i in COT_FINDINGS]
+    if not known or (strict and len(known) != len(items)):
+        return None
+    return [f for f in COT_FINDINGS if f in known]
+
+
+def parse_yes_no(text: str | None) -> str | None:
+    """``"Yes."`` / ``"Yes. [..]."`` -> ``yes``; ``"No."`` / ``"Not present."`` -> ``no``;
+    ``"Uncertain."`` -> ``uncertain``; anything else -> None."""
+    clean = _clean(text)
+    if not clean:
+        return None
+    if clean.rstrip(". ") == NOT_PRESENT.lower().rstrip("."):
+        return "no"
+    word = re.match(r"^(yes|no|uncertain)\b", clean)
+    return word.group(1) if word else None
+
+
+def parse_grounding(text: str | None) -> list[list[int]] | None:
+    """Boxes of a grounding answer; ``[]`` for "Not present."; None if no box can be read."""
+    if parse_yes_no(text) == "no":
+        return []
+    boxes = parse_boxes(text, strict=False) if isinstance(text, str) else []
+    return boxes or None
+
+
+def parse_multi_finding(text: str | None) -> dict[str, list[list[int]]] | None:
+    """``"edema [..], cardiomegaly [..], [..]."`` -> {finding: boxes}; {} for "Not found.";
+    None when no known finding with a box can be read."""
+    clean = _clean(text)
+    if not clean:
+        return None
+    if clean.rstrip(". ") == NOT_FOUND.lower().rstrip("."):
+        return {}
+    out: dict[str, list[list[int]]] = {}
+    pattern = "|".join(re.escape(f) for f in sorted(COT_FINDINGS, key=len, reverse=True))
+    pieces = re.split(rf"({pattern})", clean)
+    for name, boxes_text in zip(pieces[1::2], pieces[2::2]):
+        boxes = parse_boxes(boxes_text, strict=False)
+        if boxes:
+            out.setdefault(name, []).extend(boxes)
+    return out or None
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """Lowercase, collapse spaces, drop the final period: the form VQA exact match compares."""
+    clean = _clean(text)
+    return clean.rstrip(". ").strip() if clean else None

@@ -1,0 +1,236 @@
+"""Inference: prompts, the local backend (cache reuse = recomputation, batching), parsers."""
+
+import numpy as np
+import pytest
+import torch
+
+from cxrlib.constants import COT_FINDINGS, IMAGE_TOKEN
+from cxrlib.data.conversations import build_conversation, example_study, report_user_turns
+from cxrlib.inference import (
+    Backend,
+    Chat,
+    LocalBackend,
+    OfficialBackend,
+    difference_vqa_chat,
+    finding_grounding_chat,
+    generate_reports,
+    normalize_answer,
+    parse_findings,
+    parse_grounding,
+    parse_multi_finding,
+    parse_yes_no,
+    report_chat,
+    report_requests,
+    run_conversations,
+)
+from cxrlib.model.m4cxr import SequenceTooLongError
+from cxrlib.model.toy import toy_model
+from cxrlib.tokenizer import MissingWeightsError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (worker threads spin-wait on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_model("smoke", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (4, 144, 128), dtype=np.uint8)
+
+
+def img(seed=0, hw=(72, 64)):
+    return np.random.default_rng(seed).integers(0, 256, hw, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- prompts
+def test_report_prompts_are_the_data_layers():
+    assert report_chat([img()]).turns == report_user_turns("single", 1)
+    assert report_chat([img(), img(1)], cot=False).turns == report_user_turns(
+        "multi_image", 2, cot=False
+    )
+    chat = report_chat([img()], prior_images=[img(1), img(2)], prior_report="Lungs are clear.")
+    assert chat.turns == report_user_turns("multi_study", 1, "Lungs are clear.", 2)
+    assert len(chat.images) == 3 and chat.meta["mode"] == "multi_study"
+    assert len(report_chat([img()]).turns) == 2 and len(report_chat([img()], cot=False).turns) == 1
+    assert (
+        difference_vqa_chat(img(), img(1), "What changed?")
+        .turns[0]
+        .startswith(f"reference: {IMAGE_TOKEN}, main: {IMAGE_TOKEN} Using the provided")
+    )
+
+
+def test_chat_checks_its_images():
+    with pytest.raises(ValueError, match="1 <image> placeholder.*but 2 image"):
+        Chat([f"radiology image: {IMAGE_TOKEN} Q?"], [img(), img(1)])
+    with pytest.raises(ValueError, match="dtype"):
+        finding_grounding_chat(img().astype(np.float32), "edema")
+    with pytest.raises(ValueError, match="only the first turn"):
+        Chat(["hello", f"now {IMAGE_TOKEN}"], [img()])
+
+
+def test_report_requests_per_mode(images):
+    study = example_study(with_prior=True)
+    assert len(report_requests(study, images, "single")) == 2  # one per image (PA + lateral)
+    multi = report_requests(study, images, "multi_image")
+    assert len(multi) == 1 and len(multi[0].images) == 2
+    ms = report_requests(study, images, "multi_study")[0]
+    assert len(ms.images) == 4 and ms.meta["prior_image_indices"] == [2, 3]
+    assert not ms.meta["fallback"]
+    no_prior = report_requests(example_study(with_prior=False), images, "multi_study")[0]
+    assert no_prior.meta["fallback"] and len(no_prior.images) == 2
+    with pytest.raises(ValueError, match="unknown report mode"):
+        report_requests(study, images, "video")
+
+
+# ---------------------------------------------------------------------------- local backend
+def test_local_backend_is_a_backend(toy):
+    model, _, cfg = toy
+    assert isinstance(LocalBackend(model, cfg), Backend)
+
+
+def test_cache_reuse_equals_reencoding_and_batching_is_transparent(toy, images):
+    model, _, cfg = toy
+    studies = [example_study(True), dict(example_study(False), study_id="EX2")]
+    kw = {"mode": "single", "cot": True, "progress": False, "max_new_tokens": 6}
+    cached = generate_reports(LocalBackend(model, cfg, batch_size=4), studies, images, **kw)
+    again = generate_reports(
+        LocalBackend(model, cfg, batch_size=1, reuse_cache=False), studies, images, **kw
+    )
+    assert len(cached) == 4
+    assert [(r["findings_text"], r["report"]) for r in cached] == [
+        (r["findings_text"], r["report"]) for r in again
+    ]
+
+
+def test_generate_reports_records(toy, images):
+    model, _, cfg = toy
+    backend = LocalBackend(model, cfg, batch_size=2)
+    for mode in ("single", "multi_image", "multi_study"):
+        recs = generate_reports(
+            backend, [example_study()], images, mode=mode, progress=False, max_new_tokens=4
+        )
+        for r in recs:
+            assert r["mode"] == mode and r["cot"] and isinstance(r["report"], str)
+            assert r["findings"] is None or set(r["findings"]) <= set(COT_FINDINGS)
+    direct = generate_reports(
+        backend,
+        [example_study()],
+        images,
+        cot=False,
+        frontal_only=True,
+        progress=False,
+        max_new_tokens=4,
+    )
+    assert len(direct) == 1 and direct[0]["views"] == ["PA"] and direct[0]["findings"] is None
+
+
+def test_run_conversations_keeps_references(toy, images):
+    model, _, cfg = toy
+    study = example_study()
+    convs = [
+        build_conversation(t, study, 0) for t in ("finding_grounding", "vqa", "difference_vqa")
+    ]
+    out = run_conversations(LocalBackend(model, cfg), convs, images, 4, progress=False)
+    assert [r["task"] for r in out] == ["finding_grounding", "vqa", "difference_vqa"]
+    assert all(len(r["predictions"]) == len(r["references"]) == 1 for r in out)
+    assert out[0]["references"] == [convs[0]["turns"][0]["assistant"]]
+
+
+def test_too_long_prompts_fail_before_generation(images):
+    model, _, cfg = toy_model("smoke", overrides={"llm": {"max_length": 40}})
+    with pytest.raises(SequenceTooLongError, match="llm.max_length = 40"):
+        LocalBackend(model, cfg).answer([report_chat([images[0]])])
+
+
+def test_official_backend_without_cache_says_how_to_get_it():
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("Deepnoid/M4CXR-TNNLS", "config.json"), str):
+        pytest.skip("the official checkpoint is cached here")
+    with pytest.raises(MissingWeightsError, match="Deepnoid/M4CXR-TNNLS.*huggingface-cli download"):
+        OfficialBackend(device="cpu")
+
+
+# ---------------------------------------------------------------------------- parsers
+@pytest.mark.parametrize(
+    "text, strict, expected",
+    [
+        ("cardiomegaly, pleural effusion.", True, ["cardiomegaly", "pleural effusion"]),
+        (
+            "Pleural effusion, cardiomegaly, cardiomegaly",
+            True,
+            ["cardiomegaly", "pleural effusion"],
+        ),
+        ("Not found.", True, []),
+        ("cardiomegaly, banana.", True, None),
+        ("cardiomegaly, banana.", False, ["cardiomegaly"]),
+        ("", True, None),
+        ("....", True, None),
+        (None, True, None),
+        (42, True, None),
+        ("the heart is enlarged", True, None),
+    ],
+)
+def test_parse_findings(text, strict, expected):
+    assert parse_findings(text, strict=strict) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Yes.", "yes"),
+        ("yes", "yes"),
+        ("Yes. [10,20,30,40].", "yes"),
+        ("No.", "no"),
+        ("Not present.", "no"),
+        ("Uncertain.", "uncertain"),
+        ("Yesterday", None),
+        ("nothing", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_parse_yes_no(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_grounding_parsers_never_raise():
+    assert parse_grounding("Yes. [10,20,30,40], [1,2,3,4].") == [[10, 20, 30, 40], [1, 2, 3, 4]]
+    assert parse_grounding("Not present.") == []
+    for bad in ("[10,20,x,40]", "[300,0,0,0]", "", None, "[1,2,3]", "Yes. [50,50,10,10]."):
+        assert parse_grounding(bad) is None
+    assert parse_multi_finding("edema [1,2,30,40], cardiomegaly [5,5,50,50], [6,6,60,60].") == {
+        "edema": [[1, 2, 30, 40]],
+        "cardiomegaly": [[5, 5, 50, 50], [6, 6, 60, 60]],
+    }
+    assert parse_multi_finding("Not found.") == {}
+    assert parse_multi_finding("edema somewhere") is None
+    assert parse_multi_finding(None) is None
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Left  Lower zone. ") == "left lower zone"
+    assert normalize_answer(None) is None and normalize_answer("") is None
+
+
+def test_local_backend_from_a_checkpoint(toy, tmp_path):
+    from cxrlib.model import build_model, save_trained, set_trainable
+
+    model, tok, cfg = toy
+    model.encoder.save_pretrained(tmp_path / "backbones" / "encoder")
+    model.llm.save_pretrained(tmp_path / "backbones" / "llm")
+    trained = build_model(cfg, tok, backbones_dir=tmp_path / "backbones")
+    set_trainable(trained, ["projector"])
+    save_trained(trained, tmp_path / "phase1", cfg, backbones_dir=tmp_path / "backbones")
+    chat = report_chat([img()], cot=False)
+    backend = LocalBackend.from_checkpoint(tmp_path / "phase1", device="cpu")
+    assert backend.answer([chat], 3) == LocalBackend(trained, cfg).answer([chat], 3)
