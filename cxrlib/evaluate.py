@@ -1,0 +1,535 @@
+"""Evaluation of inference outputs: report tables, grounding, VQA, baselines, labeler agreement.
+
+Works on the plain records ``cxrlib.inference`` writes, so it runs (and is tested) without a
+model:
+
+* report records (``generate_reports``): ``study_id``, ``mode``, ``cot``, ``views``,
+  ``reference``, ``report``, ``findings`` (parsed CoT turn 1 or None) ...;
+* conversation records (``run_conversations``): ``task``, ``meta``, ``references``,
+  ``predictions``.
+
+    >>> labeler = get_labeler("auto")
+    >>> result = report_metrics(records, labeler, views="frontal")
+    >>> result["clinical"]["mF1-14"], result["labeler"]
+
+Per the card, single-image records are scored per image (all views, or frontal only); multi-image
+and multi-study records are scored once per frontal image of the study (their turn-2 report).
+The two baselines make the numbers readable: an image-blind "most common report" and the report
+of the nearest training image by encoder features. Introduced in notebook 06.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxrlib import metrics
+from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS, POSITIVE
+from cxrlib.labeler import RuleBasedLabeler, get_labeler
+
+BOX_TASKS = ("finding_grounding", "organ_grounding", "phrase_grounding", "abnormality_detection")
+NAMING_TASKS = ("grounded_finding", "grounded_organ", "grounded_phrase", "single_disease")
+VQA_TASKS = ("vqa", "difference_vqa")
+VIEWS = ("all", "frontal")
+# COT_FINDINGS (lowercase, card order) <-> CheXpert names
+_LABEL_OF = {name.lower(): name for name in CHEXPERT_LABELS}
+
+
+# --- inputs and outputs -------------------------------------------------------------------------
+
+
+def held_out_studies(studies: Sequence[dict], max_studies: int | None = None) -> list[dict]:
+    """The test split's studies, or an even mix of its sources when ``max_studies`` caps it.
+
+    A plain ``[:max_studies]`` could keep only IU studies and leave the multi-study (longitudinal)
+    mode with nothing to do, so the cap alternates between sources in file order.
+
+    Args:
+        studies: study records (``load_datasets(...).studies``).
+        max_studies: the preset's ``eval.max_test_studies`` (None = all).
+    """
+    test = [s for s in studies if s["split"] == "test"]
+    if not test:
+        raise ValueError("no studies in the test split: rebuild the data (notebook 01-data-prep)")
+    if max_studies is None or max_studies >= len(test):
+        return test
+    by_source: dict[str, list[dict]] = {}
+    for s in test:
+        by_source.setdefault(s.get("source", ""), []).append(s)
+    picked, queues = [], [list(v) for v in by_source.values()]
+    while len(picked) < max_studies:
+        for q in queues:
+            if q and len(picked) < max_studies:
+                picked.append(q.pop(0))
+    order = {s["study_id"]: i for i, s in enumerate(test)}
+    return sorted(picked, key=lambda s: order[s["study_id"]])
+
+
+def save_records(records: Sequence[dict], path: str | Path) -> Path:
+    """Write records (report or conversation records) as JSON lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, default=_builtin) + "\n")
+    return path
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Read records written by ``save_records``."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _builtin(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+# --- labeling -----------------------------------------------------------------------------------
+
+
+def label_texts(texts: Sequence[str], labeler=None) -> pd.DataFrame:
+    """Label reports, each distinct text once (references repeat across images and modes).
+
+    Args:
+        texts: reports.
+        labeler: from ``cxrlib.labeler.get_labeler``; default the rule-based labeler.
+
+    Returns:
+        DataFrame with the 14 ``CHEXPERT_LABELS`` columns, one row per text, in order.
+    """
+    labeler = labeler or RuleBasedLabeler()
+    texts = ["" if t is None else str(t) for t in texts]
+    unique = list(dict.fromkeys(texts))
+    table = labeler(unique).reset_index(drop=True)
+    row_of = {t: i for i, t in enumerate(unique)}
+    return table.iloc[[row_of[t] for t in texts]].reset_index(drop=True)
+
+
+# --- report generation --------------------------------------------------------------------------
+
+
+def scoring_rows(records: Sequence[dict], views: str = "all") -> list[dict]:
+    """The records to score, one per image, following the card's protocol.
+
+    Args:
+        records: report records of ONE mode.
+        views: ``"all"`` or ``"frontal"`` (PA/AP). Single-image records are kept or dropped by
+            their view; a multi-image / multi-study record is repeated once per frontal image of
+            its study (per image of any view when ``views="all"``).
+
+    Returns:
+        The records, repeated or filtered (the same dict objects).
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
+    rows = []
+    for rec in records:
+        rec_views = rec.get("views") or [rec.get("view")]
+        if rec.get("mode", "single") == "single":
+            if views == "all" or rec_views[0] in FRONTAL_VIEWS:
+                rows.append(rec)
+        else:
+            keep = rec_views if views == "all" else [v for v in rec_views if v in FRONTAL_VIEWS]
+            rows += [rec] * len(keep)
+    return rows
+
+
+def report_metrics(
+    records: Sequence[dict],
+    labeler=None,
+    views: str = "all",
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+    meteor: str = "auto",
+    language: bool = True,
+) -> dict:
+    """Clinical accuracy and language metrics of generated reports.
+
+    Args:
+        records: report records (``reference`` and ``report`` keys) of one mode.
+        labeler: the labeler for both sides; default ``get_labeler("auto")``.
+        views: ``"all"`` or ``"frontal"`` (see ``scoring_rows``).
+        bootstrap_samples: resamples for the 95% CIs (0 = no CIs).
+        seed: bootstrap seed.
+        meteor: METEOR backend (``cxrlib.metrics.meteor_backend``).
+        language: also compute BLEU/METEOR/ROUGE-L/CIDEr.
+
+    Returns:
+        ``{"n", "views", "labeler", "clinical": {...}, "clinical_ci": {...},
+        "clinical_uncertain_as_positive": {...}, "language": {...}}``.
+    """
+    rows = scoring_rows(records, views)
+    if not rows:
+        raise ValueError(f"no records to score with views={views!r} (no frontal images?)")
+    missing = [k for k in ("reference", "report") if k not in rows[0]]
+    if missing:
+        raise ValueError(f"report records need the keys {missing}; use cxrlib.inference output")
+    labeler = labeler or get_labeler("auto")
+    refs = [r["reference"] or "" for r in rows]
+    hyps = [r["report"] or "" for r in rows]
+    ref_labels, hyp_labels = label_texts(refs, labeler), label_texts(hyps, labeler)
+    out = {
+        "n": len(rows),
+        "views": views,
+        "labeler": labeler.name,
+        "clinical": metrics.clinical_f1(ref_labels, hyp_labels),
+        "clinical_uncertain_as_positive": metrics.clinical_f1(
+            ref_labels, hyp_labels, uncertain_as_positive=True
+        ),
+    }
+    if bootstrap_samples:
+        out["clinical_ci"] = metrics.clinical_f1_ci(
+            ref_labels, hyp_labels, samples=bootstrap_samples, seed=seed
+        )
+    if language:
+        out["language"] = metrics.language_metrics(refs, hyps, meteor=meteor)
+    return out
+
+
+def cot_findings_metrics(records: Sequence[dict], study_labels: dict[str, dict]) -> dict:
+    """How well the CoT first turn names the 13 findings, against the studies' own labels.
+
+    Args:
+        records: CoT report records with ``findings`` (the parsed turn-1 list, None if malformed)
+            and ``study_id``.
+        study_labels: ``{study_id: {label: 1|0|-1|None}}`` (``labels`` of studies.jsonl).
+
+    Returns:
+        ``{"n", "malformed", "macro_f1", "micro_f1", "per_finding": {finding: F1}}``; a
+        malformed answer counts as naming nothing.
+    """
+    rows = [r for r in records if r.get("cot")]
+    if not rows:
+        raise ValueError("no CoT records (cot=True) to score")
+    y_true = np.array(
+        [
+            [study_labels[r["study_id"]].get(_LABEL_OF[f]) == POSITIVE for f in COT_FINDINGS]
+            for r in rows
+        ]
+    )
+    y_pred = np.array([[f in (r.get("findings") or []) for f in COT_FINDINGS] for r in rows])
+    tp = (y_true & y_pred).sum(0)
+    fp = (~y_true & y_pred).sum(0)
+    fn = (y_true & ~y_pred).sum(0)
+    per = metrics.f1_from_counts(tp, fp, fn)
+    return {
+        "n": len(rows),
+        "malformed": sum(r.get("findings") is None for r in rows),
+        "macro_f1": float(per.mean()),
+        "micro_f1": float(metrics.f1_from_counts(tp.sum(), fp.sum(), fn.sum())),
+        "per_finding": dict(zip(COT_FINDINGS, per.tolist())),
+    }
+
+
+def findings_jaccard(record: dict, study_labels: dict[str, dict]) -> float | None:
+    """Overlap of a CoT turn-1 answer with the study's positive findings (1 = exact; None if
+    the answer was malformed). Used to pick good and bad examples."""
+    if record.get("findings") is None:
+        return None
+    labels = study_labels[record["study_id"]]
+    true = {f for f in COT_FINDINGS if labels.get(_LABEL_OF[f]) == POSITIVE}
+    pred = set(record["findings"])
+    return 1.0 if not true | pred else len(true & pred) / len(true | pred)
+
+
+def summary_row(name: str, result: dict) -> dict:
+    """One table row (values x100) from a ``report_metrics`` result."""
+    row = {"setting": name, "n": result["n"]}
+    row.update({k: 100 * result["clinical"][k] for k in metrics.CLINICAL_KEYS})
+    row.update(
+        {f"{k} (unc+)": 100 * result["clinical_uncertain_as_positive"][k] for k in ("mF1-14",)}
+    )
+    for key in metrics.LANGUAGE_KEYS:
+        value = result.get("language", {}).get(key)
+        row[key] = None if value is None else 100 * value
+    return row
+
+
+def per_label_table(results: dict[str, dict]) -> pd.DataFrame:
+    """Per-label F1 (x100) of several ``report_metrics`` results, one column per setting."""
+    return pd.DataFrame(
+        {
+            name: {k: 100 * v for k, v in r["clinical"]["per_label"].items()}
+            for name, r in results.items()
+        }
+    ).loc[CHEXPERT_LABELS]
+
+
+# --- grounding, naming, VQA ---------------------------------------------------------------------
+
+
+def _boxes_of(answer: str | None) -> list[list[int]] | None:
+    from cxrlib.inference import parse_grounding
+
+    return parse_grounding(answer)
+
+
+def grounding_metrics(records: Sequence[dict], threshold: float = metrics.IOU_THRESHOLD) -> dict:
+    """mIoU and accuracy at IoU >= 0.5 of box answers, per task and overall.
+
+    Args:
+        records: conversation records (``run_conversations``); items of ``BOX_TASKS`` whose
+            ``meta["boxes"]`` is non-empty are scored, plus each boxed finding of
+            ``multi_finding_grounding``.
+        threshold: IoU counted as a hit.
+
+    Returns:
+        ``{task: {"mIoU", "accuracy", "n", "malformed", "said_absent", "ious"}, "overall": ...}``;
+        ``malformed`` = no box could be read and the answer is not a "not present"; both score 0.
+    """
+    from cxrlib.inference import parse_multi_finding
+
+    items: dict[str, list[tuple[list | None, list]]] = {}
+    for rec in records:
+        task, meta = rec["task"], rec.get("meta", {})
+        answer = rec["predictions"][0] if rec.get("predictions") else None
+        if task in BOX_TASKS and meta.get("boxes"):
+            items.setdefault(task, []).append((_boxes_of(answer), meta["boxes"]))
+        elif task == "multi_finding_grounding" and meta.get("boxes"):
+            parsed = parse_multi_finding(answer)
+            for name, target in meta["boxes"].items():
+                boxes = None if parsed is None else parsed.get(name, [])
+                items.setdefault(task, []).append((boxes, target))
+    if not items:
+        raise ValueError("no grounding items with target boxes among the records")
+    out = {}
+    for task, pairs in list(items.items()) + [("overall", [p for v in items.values() for p in v])]:
+        scores = metrics.grounding_scores(
+            [p or [] for p, _ in pairs], [t for _, t in pairs], threshold
+        )
+        scores["malformed"] = sum(p is None for p, _ in pairs)
+        scores["said_absent"] = sum(p == [] for p, _ in pairs)
+        del scores["no_box"]
+        out[task] = scores
+    return out
+
+
+def vqa_metrics(records: Sequence[dict]) -> dict:
+    """Exact-match accuracy of VQA answers by question type, and of box->name / yes-no tasks.
+
+    Returns:
+        ``{"vqa": {...} (cxrlib.metrics.vqa_accuracy over vqa + difference_vqa),
+        "naming": {task: {"accuracy", "n"}}}``; either key is absent without such records.
+    """
+    out: dict = {}
+    vqa = [r for r in records if r["task"] in VQA_TASKS]
+    if vqa:
+        out["vqa"] = metrics.vqa_accuracy(
+            [(r.get("predictions") or [""])[0] for r in vqa],
+            [r["references"][0] for r in vqa],
+            [r["meta"].get("question_type", r["task"]) for r in vqa],
+            [r["meta"].get("answer_type", "unknown") for r in vqa],
+        )
+        out["vqa"]["by_task"] = {
+            t: metrics.vqa_accuracy(
+                [(r.get("predictions") or [""])[0] for r in vqa if r["task"] == t],
+                [r["references"][0] for r in vqa if r["task"] == t],
+            )
+            for t in VQA_TASKS
+            if any(r["task"] == t for r in vqa)
+        }
+    naming = {}
+    for task in NAMING_TASKS:
+        rows = [r for r in records if r["task"] == task]
+        if rows:
+            naming[task] = metrics.vqa_accuracy(
+                [(r.get("predictions") or [""])[0] for r in rows],
+                [r["references"][0] for r in rows],
+            )
+    if naming:
+        out["naming"] = naming
+    return out
+
+
+# --- baselines ----------------------------------------------------------------------------------
+
+
+def most_common_report(train_reports: Sequence[str], labeler=None) -> str:
+    """The image-blind baseline: one report for every test image.
+
+    The training reports' positive-label patterns are counted; among the reports with the most
+    common pattern (on IU: "No Finding" only) the most frequent text is returned (ties: the
+    shortest, then alphabetical, so the choice is deterministic).
+
+    Args:
+        train_reports: the training split's reference reports.
+        labeler: default rule-based.
+
+    Returns:
+        The report text.
+    """
+    texts = [t for t in train_reports if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("most_common_report needs at least one non-empty training report")
+    present = metrics.binarize(label_texts(texts, labeler))
+    patterns = [tuple(row) for row in present]
+    top_pattern = Counter(patterns).most_common(1)[0][0]
+    counts = Counter(t for t, p in zip(texts, patterns) if p == top_pattern)
+    return min(counts, key=lambda t: (-counts[t], len(t), t))
+
+
+def nearest_neighbour_reports(
+    train_features: np.ndarray, train_reports: Sequence[str], query_features: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """The retrieval baseline: each query gets the report of its most similar training image.
+
+    Args:
+        train_features: ``(N, D)`` image features of the training images (e.g. the encoder's
+            mean patch embedding).
+        train_reports: the report of each training image.
+        query_features: ``(M, D)`` features of the test images.
+
+    Returns:
+        (M reports, M indices into the training set), by cosine similarity.
+    """
+    train = np.asarray(train_features, dtype=np.float64)
+    query = np.asarray(query_features, dtype=np.float64)
+    if train.ndim != 2 or query.ndim != 2 or train.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"features must be (N, D) and (M, D) with the same D, got {train.shape} and "
+            f"{query.shape}"
+        )
+    if len(train) != len(train_reports):
+        raise ValueError(f"{len(train)} training feature rows but {len(train_reports)} reports")
+    if len(train) == 0:
+        raise ValueError("no training images to retrieve from")
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    index = (unit(query) @ unit(train).T).argmax(axis=1)
+    return [train_reports[i] for i in index], index
+
+
+def image_features(model, images: Sequence[np.ndarray], cfg: dict, batch_size: int = 64):
+    """Mean patch embedding of the model's vision encoder, one row per image (retrieval baseline).
+
+    Args:
+        model: an ``M4CXR`` (e.g. ``cxrlib.model.load_trained``).
+        images: grayscale uint8 ``(H, W)`` arrays.
+        cfg: the preset (image preprocessing).
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(len(images), encoder_width)`` float32 array.
+    """
+    import torch
+
+    from cxrlib.model import ImageProcessor
+
+    processor = ImageProcessor(cfg)
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = processor([np.array(im) for im in images[start : start + batch_size]])
+            feats = model.image_features(pixels.to(device)).float().mean(dim=1)
+            rows.append(feats.cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def with_reports(records: Sequence[dict], reports: Sequence[str] | str) -> list[dict]:
+    """Copies of ``records`` whose ``report`` is replaced (one text for all, or one per record)."""
+    if isinstance(reports, str):
+        reports = [reports] * len(records)
+    if len(reports) != len(records):
+        raise ValueError(f"{len(reports)} reports for {len(records)} records")
+    return [dict(r, report=t) for r, t in zip(records, reports)]
+
+
+# --- labeler agreement --------------------------------------------------------------------------
+
+
+def labeler_agreement(
+    texts: Sequence[str],
+    reference_labels,
+    labeler=None,
+    uncertain_as_positive: bool = False,
+) -> pd.DataFrame:
+    """Per-label precision, recall and F1 of a labeler against reference labels (e.g. MeSH).
+
+    Args:
+        texts: the reports.
+        reference_labels: their reference labels (DataFrame or list of label dicts).
+        labeler: default rule-based.
+        uncertain_as_positive: count -1 as present on both sides.
+
+    Returns:
+        DataFrame indexed by label (+ ``macro`` and ``micro`` rows): ``n_ref``, ``n_pred``,
+        ``precision``, ``recall``, ``f1`` (fractions).
+    """
+    if len(texts) != len(reference_labels):
+        raise ValueError(f"{len(texts)} texts but {len(reference_labels)} reference label rows")
+    y_true = metrics.binarize(reference_labels, uncertain_as_positive)
+    y_pred = metrics.binarize(label_texts(texts, labeler), uncertain_as_positive)
+    tp = (y_true & y_pred).sum(0)
+    fp = (~y_true & y_pred).sum(0)
+    fn = (y_true & ~y_pred).sum(0)
+
+    def row(t, p, n, n_ref, n_pred):
+        return {
+            "n_ref": int(n_ref),
+            "n_pred": int(n_pred),
+            "precision": float(t / (t + p)) if t + p else 0.0,
+            "recall": float(t / (t + n)) if t + n else 0.0,
+            "f1": float(metrics.f1_from_counts(t, p, n)),
+        }
+
+    rows = {
+        name: row(tp[i], fp[i], fn[i], y_true[:, i].sum(), y_pred[:, i].sum())
+        for i, name in enumerate(CHEXPERT_LABELS)
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    macro = table[["precision", "recall", "f1"]].mean()
+    table.loc["macro"] = [table["n_ref"].sum(), table["n_pred"].sum(), *macro.tolist()]
+    table.loc["micro"] = list(
+        row(tp.sum(), fp.sum(), fn.sum(), y_true.sum(), y_pred.sum()).values()
+    )
+    table[["n_ref", "n_pred"]] = table[["n_ref", "n_pred"]].astype(int)
+    return table
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 1) -> str:
+    """A DataFrame as a GitHub Markdown table (no ``tabulate`` needed).
+
+    Floats are rounded to ``digits``; a column whose values are all whole numbers (counts) is
+    printed as integers; None/NaN as ``-``. A named or non-default index becomes the first column.
+    """
+    if frame.index.name or not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    whole = {
+        c
+        for c in frame.columns
+        if pd.api.types.is_numeric_dtype(frame[c])
+        and frame[c].dropna().map(lambda v: float(v).is_integer()).all()
+    }
+
+    def cell(column, v):
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return "-"
+        if column in whole and isinstance(v, int | float | np.number):
+            return str(int(v))
+        if isinstance(v, float | np.floating):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = [
+        "| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row)) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body])

@@ -1,0 +1,260 @@
+"""Evaluation of inference records on hand-made predictions (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxrlib import evaluate, metrics
+from cxrlib.constants import CHEXPERT_LABELS
+from cxrlib.labeler import RuleBasedLabeler, label_report
+
+NORMAL = "The heart is normal in size. The lungs are clear. No pleural effusion."
+CARDIO = "The heart is enlarged. Small left pleural effusion."
+EDEMA = "Mild pulmonary edema. No pneumothorax."
+
+
+def record(study, reference, report, views=("PA",), mode="single", findings=None, cot=True):
+    return {
+        "study_id": study,
+        "mode": mode,
+        "cot": cot,
+        "views": list(views),
+        "reference": reference,
+        "report": report,
+        "findings": findings,
+    }
+
+
+def test_scoring_rows_follow_the_protocol():
+    single = [record("a", NORMAL, NORMAL, ["PA"]), record("a", NORMAL, NORMAL, ["LATERAL"])]
+    multi = [record("b", CARDIO, CARDIO, ["PA", "LATERAL"], mode="multi_image")]
+    assert len(evaluate.scoring_rows(single, "all")) == 2
+    assert len(evaluate.scoring_rows(single, "frontal")) == 1
+    assert len(evaluate.scoring_rows(multi, "frontal")) == 1  # once per frontal image
+    assert len(evaluate.scoring_rows(multi, "all")) == 2
+    lateral_only = [record("c", EDEMA, EDEMA, ["LATERAL"], mode="multi_study")]
+    assert evaluate.scoring_rows(lateral_only, "frontal") == []
+    with pytest.raises(ValueError, match="views must be"):
+        evaluate.scoring_rows(single, "side")
+
+
+def test_report_metrics_agree_with_direct_computation():
+    records = [
+        record("a", NORMAL, NORMAL),
+        record("b", CARDIO, NORMAL),
+        record("c", CARDIO, CARDIO, ["AP"]),
+        record("d", EDEMA, CARDIO, ["LATERAL"]),
+    ]
+    labeler = RuleBasedLabeler()
+    got = evaluate.report_metrics(records, labeler, "frontal", bootstrap_samples=20, meteor="none")
+    assert got["n"] == 3 and got["labeler"] == labeler.name and got["views"] == "frontal"
+    refs = [label_report(t) for t in (NORMAL, CARDIO, CARDIO)]
+    gens = [label_report(t) for t in (NORMAL, NORMAL, CARDIO)]
+    assert got["clinical"] == metrics.clinical_f1(refs, gens)
+    # Cardiomegaly: one hit, one miss -> F1 2/3.
+    assert got["clinical"]["per_label"]["Cardiomegaly"] == pytest.approx(2 / 3)
+    assert set(got["clinical_ci"]) == set(metrics.CLINICAL_KEYS)
+    lang = metrics.language_metrics([NORMAL, CARDIO, CARDIO], [NORMAL, NORMAL, CARDIO], "none")
+    assert got["language"] == lang
+    row = evaluate.summary_row("cot", got)
+    assert row["mF1-14"] == pytest.approx(100 * got["clinical"]["mF1-14"])
+    assert row["METEOR"] is None
+
+
+def test_report_metrics_rejects_wrong_records():
+    with pytest.raises(ValueError, match="no records to score"):
+        evaluate.report_metrics([record("a", NORMAL, NORMAL, ["LATERAL"])], views="frontal")
+    with pytest.raises(ValueError, match="need the keys"):
+        evaluate.report_metrics([{"mode": "single", "views": ["PA"], "report": "x"}])
+
+
+def test_label_texts_labels_each_text_once():
+    calls = []
+
+    class Counting(RuleBasedLabeler):
+        def __call__(self, texts):
+            calls.append(list(texts))
+            return super().__call__(texts)
+
+    frame = evaluate.label_texts([CARDIO, NORMAL, CARDIO, None], Counting())
+    assert calls == [[CARDIO, NORMAL, ""]]
+    assert frame["Cardiomegaly"].tolist()[:3] == [1, 0, 1] and len(frame) == 4
+
+
+def test_cot_findings_metrics():
+    labels = {
+        "a": {"Cardiomegaly": 1, "Edema": -1},
+        "b": {"Pleural Effusion": 1},
+        "c": {},
+    }
+    records = [
+        record("a", "", "", findings=["cardiomegaly"]),  # hit; edema uncertain = absent
+        record("b", "", "", findings=None),  # malformed: names nothing -> one FN
+        record("c", "", "", findings=["edema"]),  # FP
+    ]
+    got = evaluate.cot_findings_metrics(records, labels)
+    assert got["n"] == 3 and got["malformed"] == 1
+    assert got["per_finding"]["cardiomegaly"] == 1.0
+    assert got["per_finding"]["pleural effusion"] == 0.0
+    assert got["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
+
+
+def conv(task, prediction, reference, **meta):
+    return {"task": task, "meta": meta, "references": [reference], "predictions": [prediction]}
+
+
+def test_grounding_metrics():
+    box = [[10, 10, 30, 30]]
+    records = [
+        conv("organ_grounding", "[10,10,30,30]", "[10,10,30,30]", boxes=box),
+        conv("finding_grounding", "Yes. [20,10,40,30].", "Yes. [10,10,30,30].", boxes=box),
+        conv("finding_grounding", "Not present.", "Yes. [10,10,30,30].", boxes=box),
+        conv("phrase_grounding", "garbage", "[10,10,30,30].", boxes=box),
+        conv("finding_grounding", "Not present.", "Not present.", boxes=[]),  # not a box item
+        conv(
+            "multi_finding_grounding",
+            "edema [10,10,30,30].",
+            "edema [10,10,30,30], cardiomegaly [50,50,70,70].",
+            boxes={"edema": box, "cardiomegaly": [[50, 50, 70, 70]]},
+        ),
+    ]
+    got = evaluate.grounding_metrics(records)
+    assert got["organ_grounding"]["mIoU"] == 1.0
+    assert got["finding_grounding"]["n"] == 2 and got["finding_grounding"]["said_absent"] == 1
+    assert got["finding_grounding"]["ious"] == pytest.approx([1 / 3, 0.0])
+    assert got["phrase_grounding"]["malformed"] == 1
+    assert got["multi_finding_grounding"]["ious"] == [1.0, 0.0]
+    overall = got["overall"]
+    assert overall["n"] == 6 and overall["accuracy"] == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="no grounding items"):
+        evaluate.grounding_metrics([records[4]])
+
+
+def test_vqa_metrics():
+    records = [
+        conv("vqa", "Yes.", "yes", question_type="presence", answer_type="closed"),
+        conv(
+            "vqa",
+            "left lower zone",
+            "right lower zone",
+            question_type="location",
+            answer_type="open",
+        ),  # fmt: skip
+        conv(
+            "difference_vqa",
+            "new edema",
+            "new edema",
+            question_type="difference",
+            answer_type="open",
+        ),  # fmt: skip
+        conv("grounded_organ", "heart", "heart"),
+        conv("single_disease", "No.", "Yes."),
+    ]
+    got = evaluate.vqa_metrics(records)
+    assert got["vqa"]["accuracy"] == pytest.approx(2 / 3)
+    assert got["vqa"]["by_question_type"]["location"]["accuracy"] == 0.0
+    assert got["vqa"]["by_answer_type"]["closed"]["accuracy"] == 1.0
+    assert got["vqa"]["by_task"]["difference_vqa"]["accuracy"] == 1.0
+    assert got["naming"]["grounded_organ"]["accuracy"] == 1.0
+    assert got["naming"]["single_disease"]["accuracy"] == 0.0
+
+
+def test_most_common_report():
+    # "No Finding" is the most common pattern (4 of 7); NORMAL its most frequent text.
+    train = [NORMAL, NORMAL, "Lungs are clear.", NORMAL, CARDIO, CARDIO, EDEMA]
+    assert evaluate.most_common_report(train) == NORMAL
+    # Same pattern, two texts once each: the shorter wins.
+    assert evaluate.most_common_report([NORMAL, "Lungs are clear.", CARDIO]) == "Lungs are clear."
+    assert evaluate.most_common_report([CARDIO, CARDIO, EDEMA]) == CARDIO
+    with pytest.raises(ValueError, match="at least one non-empty"):
+        evaluate.most_common_report(["", None])
+
+
+def test_nearest_neighbour_reports():
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    query = np.array([[0.9, 0.1], [0.0, 5.0], [2.0, 2.1]])
+    reports, index = evaluate.nearest_neighbour_reports(train, ["a", "b", "c"], query)
+    assert index.tolist() == [0, 1, 2] and reports == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="same D"):
+        evaluate.nearest_neighbour_reports(train, ["a", "b", "c"], np.ones((2, 3)))
+    with pytest.raises(ValueError, match="reports"):
+        evaluate.nearest_neighbour_reports(train, ["a"], query)
+    swapped = evaluate.with_reports([record("a", NORMAL, CARDIO)], "x")
+    assert swapped[0]["report"] == "x" and swapped[0]["reference"] == NORMAL
+
+
+def test_labeler_agreement_by_hand():
+    texts = ["Cardiomegaly.", "Cardiomegaly.", "No effusion.", "Possible edema."]
+    empty = {k: None for k in CHEXPERT_LABELS}
+    ref = [
+        dict(empty, Cardiomegaly=1),
+        dict(empty, **{"No Finding": 1}),  # labeler says cardiomegaly: FP
+        dict(empty, Edema=1),  # labeler misses: FN
+        dict(empty, Edema=-1),
+    ]
+    table = evaluate.labeler_agreement(texts, ref)
+    assert table.loc["Cardiomegaly", "precision"] == 0.5
+    assert table.loc["Cardiomegaly", "recall"] == 1.0
+    assert table.loc["Edema", "recall"] == 0.0 and table.loc["Edema", "n_ref"] == 1
+    unc = evaluate.labeler_agreement(texts, ref, uncertain_as_positive=True)
+    assert unc.loc["Edema", "n_ref"] == 2 and unc.loc["Edema", "f1"] == pytest.approx(2 / 3)
+    assert {"macro", "micro"} <= set(table.index)
+    with pytest.raises(ValueError, match="reference label rows"):
+        evaluate.labeler_agreement(texts, ref[:2])
+
+
+def test_per_label_table_and_markdown():
+    records = [record("a", CARDIO, CARDIO), record("b", NORMAL, NORMAL)]
+    result = evaluate.report_metrics(records, RuleBasedLabeler(), bootstrap_samples=0,
+                                     language=False)  # fmt: skip
+    table = evaluate.per_label_table({"cot": result})
+    assert list(table.index) == CHEXPERT_LABELS and table.loc["Cardiomegaly", "cot"] == 100
+    frame = pd.DataFrame([{"setting": "cot", "n": 8.0, "mF1-14": 12.345, "x": None}])
+    md = evaluate.markdown_table(frame)
+    assert md.splitlines()[0] == "| setting | n | mF1-14 | x |"
+    assert "| cot | 8 | 12.3 | - |" in md
+    indexed = evaluate.markdown_table(frame.set_index("setting").rename_axis("run"), digits=2)
+    assert indexed.splitlines()[0].startswith("| run |") and "12.35" in indexed
+
+
+def test_held_out_studies_mix_sources():
+    studies = [{"study_id": f"iu{i}", "split": "test", "source": "iu"} for i in range(6)] + [
+        {"study_id": f"lg{i}", "split": "test", "source": "longitudinal"} for i in range(2)
+    ]
+    studies.append({"study_id": "tr", "split": "train", "source": "iu"})
+    assert len(evaluate.held_out_studies(studies)) == 8
+    picked = evaluate.held_out_studies(studies, 4)
+    assert [s["study_id"] for s in picked] == ["iu0", "iu1", "lg0", "lg1"]
+    with pytest.raises(ValueError, match="no studies in the test split"):
+        evaluate.held_out_studies(studies[-1:])
+
+
+def test_records_round_trip(tmp_path):
+    records = [record("a", NORMAL, CARDIO, findings=["cardiomegaly"]), {"x": np.int64(3)}]
+    path = evaluate.save_records(records, tmp_path / "sub" / "r.jsonl")
+    back = evaluate.load_records(path)
+    assert back[0] == records[0] and back[1] == {"x": 3}
+
+
+def test_findings_jaccard():
+    labels = {"a": {"Cardiomegaly": 1, "Edema": 1}, "b": {}}
+    assert evaluate.findings_jaccard(record("a", "", "", findings=["edema"]), labels) == 0.5
+    assert evaluate.findings_jaccard(record("b", "", "", findings=[]), labels) == 1.0
+    assert evaluate.findings_jaccard(record("b", "", "", findings=None), labels) is None
+
+
+def test_image_features_of_a_toy_model():
+    from cxrlib.model.toy import toy_model
+
+    model, _, cfg = toy_model("smoke")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (72, 64), dtype=np.uint8) for _ in range(3)]
+    feats = evaluate.image_features(model, images, cfg, batch_size=2)
+    assert feats.shape == (3, cfg["encoder"]["hidden_size"]) and np.isfinite(feats).all()
+    # The same image twice -> the same features; retrieval then finds it.
+    again = evaluate.image_features(model, [images[1]], cfg)
+    assert np.allclose(again[0], feats[1], atol=1e-5)
+    _, index = evaluate.nearest_neighbour_reports(feats, ["a", "b", "c"], again)
+    assert index.tolist() == [1]
