@@ -92,6 +92,16 @@ def _metrics(root: Path, name: str) -> dict:
 # What each notebook must have measured; a notebook without an entry must still store metrics.
 CHECKS = {
     "00-overview": lambda m: m["tokens_per_image"] == 4 and m["patches_per_image"] == 16,
+    "02-backbones": lambda m: {"tokenizer", "lm_pretrain", "encoder_pretrain"} <= set(m),
+    "03-projector-pretraining": lambda m: m["steps"] == 4 and m["trainable_parameters"] > 0,
+    "04-instruction-tuning-lora": lambda m: (
+        m["steps"] == 4 and 0 < m["trainable_parameters"] < m["total_parameters"]
+    ),
+    "05-cot-inference": lambda m: m["test_studies"] > 0 and len(m["reports"]) == 4,
+    "06-evaluation": lambda m: (
+        bool(m["labeler"]) and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
+    ),
+    "07-explorer": lambda m: m["studies"] > 0 and 0 <= m["exact_label_agreement"] <= 1,
 }
 
 

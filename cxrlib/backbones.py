@@ -1,0 +1,462 @@
+"""Backbones for the small presets: a BPE tokenizer, a small Mistral and a small DINOv2 encoder.
+
+``paper`` starts from Mistral-7B-Instruct-v0.2 and Rad-DINO. No such weights exist at ``tiny`` or
+``smoke`` size, so notebook 02 makes stand-ins from this project's own data, training split only:
+
+* ``tokenizer_stage``: a byte-level BPE (``cxrlib.tokenizer.train_bpe_tokenizer``) on the IU
+  findings and impressions, plus the card's fixed prompt and answer strings so that an
+  instruction does not fall apart into single bytes (which would make every phase-2 sequence
+  much longer); every text starts with a space, as with Mistral's SentencePiece;
+* ``lm_pretrain_stage``: the small Mistral as a causal LM on packed report text (what
+  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences);
+* ``encoder_pretrain_stage``: the small DINOv2 on PhantomCXR images with masked-patch prediction
+  (the masked-token half of DINOv2's objective, with a pixel target as in SimMIM because there is
+  no teacher) plus a light multi-label head on the 13 findings (``MaskedPatchPretrainer``).
+
+Each saves in ``save_pretrained`` format where ``cxrlib.model.build_model(cfg, tokenizer,
+backbones_dir=out / "backbones")`` reads it. For ``paper`` the stages only check that the
+pretrained weights are in the local Hugging Face cache. Every stage runs through
+``cxrlib.train.run_stage`` (notebook 02 and ``python -m cxrlib.train --stage lm_pretrain``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import pre_tokenizers
+from torch import nn
+from torch.utils.data import Dataset
+
+from cxrlib import train as engine
+from cxrlib.constants import COT_FINDINGS, ORGANS, POSITIVE, SYSTEM_TEXT
+from cxrlib.tokenizer import MissingWeightsError, load_tokenizer, missing_weights_message
+from cxrlib.utils import require_artifact, seed_everything
+
+DATA_NOTEBOOK = "01-data-prep"
+PROMPT_REPEATS = 20  # weight of the fixed prompt strings in the tokenizer corpus
+MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
+LABEL_WEIGHT = 0.5  # weight of the multi-label head next to the masked-patch loss
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def read_studies(out_dir: str | Path) -> list[dict]:
+    """The study records notebook 01 saved in ``<out>/data/studies.jsonl``."""
+    path = require_artifact(Path(out_dir) / "data" / "studies.jsonl", made_by=DATA_NOTEBOOK)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_images(out_dir: str | Path) -> np.ndarray:
+    """All images of the dataset, ``(N, H, W)`` uint8, memory-mapped."""
+    path = require_artifact(Path(out_dir) / "data" / "images.npy", made_by=DATA_NOTEBOOK)
+    return np.load(path, mmap_mode="r")
+
+
+def report_corpus(studies: Sequence[dict], split: str = "train", source: str = "iu") -> list[str]:
+    """Findings and impressions of one split's studies (one string each, empty ones skipped)."""
+    texts = []
+    for s in studies:
+        if s["split"] == split and (source is None or s["source"] == source):
+            texts += [t.strip() for t in (s.get("findings_text"), s.get("impression")) if t]
+    return [t for t in texts if t]
+
+
+def prompt_strings() -> list[str]:
+    """The card's fixed instruction strings (placeholders filled with every value they take)."""
+    from cxrlib.data import conversations as C
+
+    out = [SYSTEM_TEXT, C.NOT_FOUND, C.NOT_PRESENT, C.MULTI_STUDY_NOTE, C.ABNORMALITY_Q]
+    for target in ("radiology image", "radiology images", "current follow-up radiology images"):
+        out += [
+            C.COT_QUESTION.format(target=target, findings=C.FINDINGS_LIST),
+            C.COT_TURN2.format(target=target),
+            C.DIRECT_QUESTION.format(target=target),
+        ]
+    for finding in COT_FINDINGS:
+        out += [
+            C.SINGLE_DISEASE_Q.format(finding=finding),
+            C.FINDING_GROUNDING_Q.format(finding=finding),
+        ]
+    out += [C.MULTI_FINDING_Q.format(findings=C.FINDINGS_LIST)]
+    out += [C.ORGAN_GROUNDING_Q.format(organ=organ) for organ in ORGANS]
+    for template in (C.GROUNDED_FINDING_Q, C.GROUNDED_ORGAN_Q, C.GROUNDED_PHRASE_Q):
+        out.append(template.format(bbox="").strip())
+    out += [C.PHRASE_GROUNDING_Q.format(phrase=""), C.VQA_Q.format(question="")]
+    out += [C.DIFF_VQA_Q.format(question="")]
+    out += [q.format(finding="finding") for q in C.VQA_QUESTIONS.values()]
+    out += [q.format(finding="finding") for q in C.DIFF_VQA_QUESTIONS.values()]
+    # Short answers, so that their words are single tokens too.
+    out += ["Yes.", "No.", "Uncertain.", C.NO_CHANGE, C.NO_ABNORMALITY, *C.VIEW_ANSWERS.values()]
+    out += [*C.CHANGE_WORDS.values(), *ORGANS, *COT_FINDINGS]
+    return out
+
+
+# --- paper: pretrained weights from the cache ---------------------------------------------------
+
+
+def check_cached(hf_id: str) -> Path:
+    """The local snapshot folder of ``hf_id``; ``MissingWeightsError`` (with the fix) if absent."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hf_id, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, or no cache at all
+        raise MissingWeightsError(missing_weights_message(hf_id)) from err
+
+
+def _pretrained_summary(cfg: dict, part: str, stage: str) -> dict:
+    hf_id = cfg[part]["hf_id"]
+    path = check_cached(hf_id)
+    return {"stage": stage, "pretrained": hf_id, "path": str(path), "trained": False}
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def tokenizer_stage(cfg: dict, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
+    """Train (``tiny``/``smoke``) or check (``paper``) the tokenizer; saves ``<out>/tokenizer``."""
+    target = engine.stage_dir("tokenizer", out_dir)
+    if cfg["llm"]["hf_id"]:
+        tok = load_tokenizer(cfg)  # MissingWeightsError with the download command if absent
+        tok.save_pretrained(str(target))
+        engine.save_run_info(cfg, target)
+        return {"stage": "tokenizer", "pretrained": cfg["llm"]["hf_id"], "vocab_size": len(tok)}
+    from cxrlib.tokenizer import train_bpe_tokenizer
+
+    t0 = time.perf_counter()
+    texts = report_corpus(read_studies(out_dir))
+    # Every text is learnt, and later encoded, with a leading space, as SentencePiece does for
+    # Mistral: the data layer encodes each answer on its own, and without the space an answer's
+    # first word ("support devices.") would fall apart into rare pieces ("s", "u", "pport")
+    # instead of the word token the LLM knows from mid-sentence (" support").
+    corpus = [" " + t for t in texts + prompt_strings() * PROMPT_REPEATS]
+    tok = train_bpe_tokenizer(
+        corpus, cfg["llm"]["vocab_size"], cfg["train"]["tokenizer"].get("min_frequency", 2)
+    )
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    if len(tok) != cfg["llm"]["vocab_size"]:
+        # Too little text for the requested vocabulary: the LLM's embedding table must match.
+        raise ValueError(
+            f"the report corpus gives only {len(tok)} BPE tokens, fewer than llm.vocab_size "
+            f"{cfg['llm']['vocab_size']}: lower llm.vocab_size or use more studies"
+        )
+    tok.save_pretrained(str(target))
+    engine.save_run_info(cfg, target)
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    summary = {
+        "stage": "tokenizer",
+        "vocab_size": len(tok),
+        "texts": len(texts),
+        "tokens": int(sum(lengths)),
+        "tokens_per_text": float(np.mean(lengths)),
+        "seconds": time.perf_counter() - t0,
+    }
+    (target / engine.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def stage_tokenizer(cfg: dict, out_dir: str | Path):
+    """The tokenizer a later stage uses: Mistral's (``paper``) or notebook 02's BPE."""
+    if cfg["llm"]["hf_id"]:
+        return load_tokenizer(cfg)
+    path = engine.stage_dir("tokenizer", out_dir)
+    require_artifact(path / "tokenizer.json", made_by="02-backbones")
+    return load_tokenizer(cfg, path)
+
+
+# --- language model -------------------------------------------------------------------------
+
+
+class PackedText(Dataset):
+    """Report texts as ``<s> text </s>`` concatenated and cut into rows of ``seq_len`` tokens.
+
+    Packing wastes no compute on padding; a row may start mid-report, which is harmless for a
+    causal LM (it learns to continue from whatever context it has).
+    """
+
+    def __init__(self, texts: Sequence[str], tokenizer, seq_len: int):
+        ids: list[int] = []
+        for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            ids += [tokenizer.bos_token_id, *row, tokenizer.eos_token_id]
+        n = len(ids) // seq_len
+        if n == 0:
+            raise ValueError(f"{len(ids)} tokens of text do not fill one row of {seq_len}")
+        self.rows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.rows[i]
+
+
+def collate_rows(rows: list[torch.Tensor]) -> dict:
+    ids = torch.stack(rows)
+    return {"input_ids": ids, "labels": ids}
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss of a causal LM on a packed batch (see ``engine.causal_lm_loss``)."""
+    return engine.causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+
+
+def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
+    """Pre-train the small Mistral on report text; saves ``<out>/backbones/llm``."""
+    if cfg["llm"]["hf_id"]:
+        return _pretrained_summary(cfg, "llm", "lm_pretrain")
+    from cxrlib.model import build_llm
+
+    target = engine.stage_dir("lm_pretrain", out_dir)
+    section = cfg["train"]["lm_pretrain"]
+    hp = engine.HParams.from_section(section, "lm_pretrain")
+    tokenizer = stage_tokenizer(cfg, out_dir)
+    studies = read_studies(out_dir)
+    train_set = PackedText(report_corpus(studies, "train"), tokenizer, section["seq_len"])
+    val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])
+    seed_everything(cfg["seed"])
+    model = build_llm(cfg, tokenizer, pretrained=False)
+    engine.save_run_info(cfg, target)
+    result = engine.train(
+        model, train_set, collate_rows, lm_loss, hp, target,
+        seed=cfg["seed"], count_fn=engine.count_target_tokens, device=device, resume=resume,
+        max_steps=max_steps, checkpoint_every=cfg["train"]["checkpoint_every"],
+        log_every=cfg["train"]["log_every"], desc="lm_pretrain",
+        fingerprint_value=engine.fingerprint(cfg, "lm_pretrain"),
+    )  # fmt: skip
+    model = result.model
+    model.save_pretrained(str(target))  # also after max_steps: later stages can be tried out
+    val = engine.evaluate_loss(
+        model, val_set, collate_rows, lm_loss, hp.micro_batch, device=_model_device(model)
+    )
+    summary = {
+        "stage": "lm_pretrain",
+        **result.to_dict(),
+        "train_rows": len(train_set),
+        "val_loss": val["all"],
+        "val_perplexity": float(np.exp(val["all"])),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return _write_summary(target, summary)
+
+
+@torch.no_grad()
+def sample_text(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    top_k: int = 20,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt with the LM (greedy when ``temperature`` is 0, else top-k sampling).
+
+    Args:
+        model: a causal LM (``MistralForCausalLM``).
+        prompts: text beginnings, e.g. ``"The heart"``; ``<s>`` is prepended.
+
+    Returns:
+        The prompts with their continuations, up to the first ``</s>``.
+    """
+    device = _model_device(model)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                top = torch.topk(logits / temperature, top_k)
+                probs = torch.softmax(top.values, -1).cpu()
+                nxt = int(top.indices[torch.multinomial(probs, 1, generator=gen)])
+            if nxt == tokenizer.eos_token_id:
+                break
+            ids.append(nxt)
+        out.append(tokenizer.decode(ids[1:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+# --- vision encoder ---------------------------------------------------------------------------
+
+
+def label_vector(labels: dict) -> list[float]:
+    """The 13 CoT findings of a study as 0/1 (positive only, as the CoT answer counts them)."""
+    from cxrlib.data.conversations import LABEL_OF
+
+    return [float(labels.get(LABEL_OF[name]) == POSITIVE) for name in COT_FINDINGS]
+
+
+class EncoderImages(Dataset):
+    """Every image of one split's studies with the study's 13 finding labels."""
+
+    def __init__(self, studies: Sequence[dict], images: np.ndarray, processor, split: str):
+        self.items = [
+            (im["index"], label_vector(s["labels"]))
+            for s in studies
+            if s["split"] == split
+            for im in s["images"]
+        ]
+        if not self.items:
+            raise ValueError(f"no images in split '{split}': rebuild the data (notebook 01)")
+        self.images, self.processor = images, processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, list[float]]:
+        index, labels = self.items[i]
+        return np.asarray(self.images[index]), labels
+
+
+class MaskedPatchPretrainer(nn.Module):
+    """DINOv2 encoder + two small heads for pre-training; only the encoder is kept afterwards.
+
+    Objective per image: hide ``mask_ratio`` of the patches behind DINOv2's mask token and regress
+    their (per-patch normalised) pixels from the last block's output (SimMIM / MAE style), plus
+    ``label_weight`` x a multi-label BCE of the 13 findings from the mean patch feature.
+    Features are read before the final LayerNorm, where the C-Abstractor reads them.
+    """
+
+    def __init__(self, encoder: nn.Module, mask_ratio=MASK_RATIO, label_weight=LABEL_WEIGHT):
+        super().__init__()
+        self.encoder = encoder
+        width, patch = encoder.config.hidden_size, encoder.config.patch_size
+        self.patch = patch
+        self.pixel_head = nn.Linear(width, patch * patch)
+        self.label_head = nn.Linear(width, len(COT_FINDINGS))
+        self.mask_ratio, self.label_weight = mask_ratio, label_weight
+
+    def patch_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, P, patch^2) grey patches (channel 0), each normalised to zero mean, unit variance."""
+        p = self.patch
+        x = pixel_values[:, 0].unfold(1, p, p).unfold(2, p, p)  # (B, gh, gw, p, p)
+        x = x.reshape(x.shape[0], -1, p * p).float()
+        return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:
+        batch = pixel_values.shape[0]
+        targets = self.patch_targets(pixel_values)
+        num_patches = targets.shape[1]
+        # Random masks from the global RNG: restored by a resume, so resumed runs stay exact.
+        scores = torch.rand(batch, num_patches, device=pixel_values.device)
+        k = max(1, int(round(self.mask_ratio * num_patches)))
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+        out = self.encoder(
+            pixel_values=pixel_values, bool_masked_pos=mask, output_hidden_states=True
+        )
+        patches = out.hidden_states[-1][:, 1:]
+        err = (self.pixel_head(patches).float() - targets).pow(2).mean(-1)  # (B, P)
+        mim = (err * mask).sum(1) / mask.sum(1)  # per image, masked patches only
+        logits = self.label_head(patches.mean(1)).float()
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+        return {
+            "mim": mim,
+            "bce": bce,
+            "logits": logits,
+            "per_image": mim + self.label_weight * bce,
+        }
+
+
+def encoder_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    per_image = model(batch["pixel_values"], batch["labels"])["per_image"]
+    return per_image.sum(), torch.tensor(per_image.shape[0])
+
+
+class _CollateImages:
+    """Preprocess a list of (image, labels) with the preset's ``ImageProcessor``."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items):
+        pixels = self.processor([im for im, _ in items])
+        return {"pixel_values": pixels, "labels": torch.tensor([lab for _, lab in items])}
+
+
+def encoder_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
+    """Pre-train the small DINOv2 on PhantomCXR images; saves ``<out>/backbones/encoder``."""
+    if cfg["encoder"]["hf_id"]:
+        return _pretrained_summary(cfg, "encoder", "encoder_pretrain")
+    from cxrlib.model import ImageProcessor, build_encoder
+
+    target = engine.stage_dir("encoder_pretrain", out_dir)
+    hp = engine.HParams.from_section(cfg["train"]["encoder_pretrain"], "encoder_pretrain")
+    studies, images = read_studies(out_dir), read_images(out_dir)
+    processor = ImageProcessor(cfg)
+    train_set = EncoderImages(studies, images, processor, "train")
+    val_set = EncoderImages(studies, images, processor, "val")
+    collate = _CollateImages(processor)
+    seed_everything(cfg["seed"])
+    model = MaskedPatchPretrainer(build_encoder(cfg, pretrained=False))
+    engine.save_run_info(cfg, target)
+    result = engine.train(
+        model, train_set, collate, encoder_loss, hp, target,
+        seed=cfg["seed"], device=device, resume=resume, max_steps=max_steps,
+        checkpoint_every=cfg["train"]["checkpoint_every"], log_every=cfg["train"]["log_every"],
+        desc="encoder_pretrain", fingerprint_value=engine.fingerprint(cfg, "encoder_pretrain"),
+    )  # fmt: skip
+    model = result.model
+    model.encoder.save_pretrained(str(target))
+    probe = evaluate_encoder(model, val_set, collate, hp.micro_batch)
+    summary = {
+        "stage": "encoder_pretrain",
+        **result.to_dict(),
+        "train_images": len(train_set),
+        **{f"val_{k}": v for k, v in probe.items()},
+        "parameters": sum(p.numel() for p in model.encoder.parameters()),
+    }
+    return _write_summary(target, summary)
+
+
+@torch.no_grad()
+def evaluate_encoder(model: MaskedPatchPretrainer, dataset, collate, batch_size: int) -> dict:
+    """Validation masked-patch loss, label BCE and macro AUROC of the finding head."""
+    from sklearn.metrics import roc_auc_score
+
+    device = _model_device(model)
+    model.eval()
+    mim, bce, scores, labels = [], [], [], []
+    state = torch.get_rng_state()
+    torch.manual_seed(0)  # the same masks for every evaluation
+    for k in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(k, min(k + batch_size, len(dataset)))])
+        out = model(batch["pixel_values"].to(device), batch["labels"].to(device))
+        mim.append(out["mim"].cpu())
+        bce.append(out["bce"].cpu())
+        scores.append(out["logits"].cpu())
+        labels.append(batch["labels"])
+    torch.set_rng_state(state)
+    y, s = torch.cat(labels).numpy(), torch.cat(scores).numpy()
+    present = [j for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+    auc = float(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in present])) if present else None
+    return {
+        "masked_patch_loss": float(torch.cat(mim).mean()),
+        "label_bce": float(torch.cat(bce).mean()),
+        "label_macro_auroc": auc,
+    }
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _write_summary(directory: Path, summary: dict) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / engine.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
