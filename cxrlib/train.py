@@ -941,6 +941,15 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
     )  # fmt: skip
     t0 = time.perf_counter()
     after = val_loss()
+    shuffled = None
+    if val_pairs.features is not None and len(val_pairs) > 1:
+        # The same validation pairs with every image swapped for another one: if the loss does not
+        # rise, the projector has not (yet) learnt anything image-specific.
+        real = val_pairs.features
+        order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+        val_pairs.features = real[order]
+        shuffled = val_loss()
+        val_pairs.features = real
     timings["validation"] += time.perf_counter() - t0
     if accelerator.is_main_process:
         save_trained(model, target, cfg, parts=trainable, backbones_dir=backbones)
@@ -951,6 +960,7 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         "val_pairs": len(val_pairs),
         "val_loss_before": before,
         "val_loss": after,
+        "val_loss_shuffled_images": shuffled,
         "features_cached": "encoder" not in trainable,
         "image_token_scale": scale,
         "trainable_parameters": count_parameters(model, trainable_only=True),
@@ -1033,6 +1043,13 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         cfg, tokenizer, device=accelerator.device, backbones_dir=backbones, lora="lora" in trainable
     )
     loaded = load_trained_weights(model, phase1)  # phase 1's projector
+    scale = None
+    if not cfg["llm"]["hf_id"]:
+        # Phase 1 on report text alone grows a large image-independent part in the projector's
+        # output; bring the tokens back to the embeddings' length (see match_image_token_scale).
+        frontal = [im["index"] for s in data.split("train") for im in s["images"]
+                   if im["view"] in ("PA", "AP")][:64]  # fmt: skip
+        scale = match_image_token_scale(model, encoder_features(model, data.images, frontal, cfg))
     set_trainable(model, trainable)
     upcast_trainable(model)
     train_set = ConversationDataset(
@@ -1064,6 +1081,7 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         "stage": "phase2",
         **result.to_dict(),
         "started_from": {"phase1": str(phase1), "parts": loaded},
+        "image_token_scale": scale,
         "train_conversations": len(train_set),
         "task_weights": train_set.weights,
         "val_loss_before": val_before,
