@@ -569,9 +569,3 @@ def parse_multi_finding(text: str | None) -> dict[str, list[list[int]]] | None:
         if boxes:
             out.setdefault(name, []).extend(boxes)
     return out or None
-
-
-def normalize_answer(text: str | None) -> str | None:
-    """Lowercase, collapse spaces, drop the final period: the form VQA exact match compares."""
-    clean = _clean(text)
-    return clean.rstrip(". ").strip() if clean else None

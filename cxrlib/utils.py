@@ -57,7 +57,8 @@ def require_artifact(path: str | Path, made_by: str) -> Path:
     if not path.exists():
         raise MissingArtifactError(
             f"{path} does not exist: run notebook {made_by} first "
-            f"(`make build/notebooks/{made_by}.ipynb`, or `make all`)."
+            f"(`make all PRESET=<preset>`, or only that stage: "
+            f"`make build/<preset>/notebooks/{made_by}.ipynb PRESET=<preset>`)."
         )
     return path
 

@@ -14,7 +14,6 @@ from cxrlib.inference import (
     difference_vqa_chat,
     finding_grounding_chat,
     generate_reports,
-    normalize_answer,
     parse_findings,
     parse_grounding,
     parse_multi_finding,
@@ -215,11 +214,6 @@ def test_grounding_parsers_never_raise():
     assert parse_multi_finding("Not found.") == {}
     assert parse_multi_finding("edema somewhere") is None
     assert parse_multi_finding(None) is None
-
-
-def test_normalize_answer():
-    assert normalize_answer("  Left  Lower zone. ") == "left lower zone"
-    assert normalize_answer(None) is None and normalize_answer("") is None
 
 
 def test_local_backend_from_a_checkpoint(toy, tmp_path):

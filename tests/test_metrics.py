@@ -250,5 +250,6 @@ def test_vqa_exact_match_by_type():
     assert got["by_question_type"]["view"]["accuracy"] == 1.0
     assert got["by_answer_type"]["closed"]["accuracy"] == 0.5
     assert metrics.normalize_answer(None) == ""
+    assert metrics.normalize_answer("  Left  Lower zone. ") == "left lower zone"
     with pytest.raises(ValueError, match="predictions but"):
         metrics.vqa_accuracy(["a"], [])

@@ -51,6 +51,14 @@ def check_image(image: np.ndarray, where: str = "image") -> np.ndarray:
     return image
 
 
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W) uint8 -> (3, H, W) uint8 tensor; read-only arrays (memmapped datasets) are copied
+    first, because torch cannot share memory it is not allowed to write."""
+    if not image.flags.writeable:
+        image = image.copy()
+    return torch.from_numpy(image).unsqueeze(0).expand(3, -1, -1)
+
+
 def build_hf_processor(cfg: dict) -> BitImageProcessor:
     """The Hugging Face processor for a preset: Rad-DINO's (``paper``) or one built from ``cfg``."""
     enc = cfg["encoder"]
@@ -108,10 +116,7 @@ class ImageProcessor:
             raise ImageError("ImageProcessor got an empty list of images")
         # Gray -> 3 identical channels, channels first, so the HF processor never has to guess
         # the layout (an (H, 3) image would be ambiguous).
-        tensors = [
-            torch.from_numpy(check_image(img, f"image {i}")).unsqueeze(0).expand(3, -1, -1)
-            for i, img in enumerate(images)
-        ]
+        tensors = [_to_tensor(check_image(img, f"image {i}")) for i, img in enumerate(images)]
         out = self.hf(images=tensors, return_tensors="pt", input_data_format="channels_first")
         return out["pixel_values"].float()
 
