@@ -8,7 +8,8 @@
   instruction does not fall apart into single bytes (which would make every phase-2 sequence
   much longer); every text starts with a space, as with Mistral's SentencePiece;
 * ``lm_pretrain_stage``: the small Mistral as a causal LM on packed report text (what
-  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences);
+  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences), plus a few
+  lines of random box coordinates, because report text has almost no digits (``box_corpus``);
 * ``encoder_pretrain_stage``: the small DINOv2 on PhantomCXR images with masked-patch prediction
   (the masked-token half of DINOv2's objective, with a pixel target as in SimMIM because there is
   no teacher) plus a light multi-label head on the 13 findings (``MaskedPatchPretrainer``).
@@ -96,6 +97,29 @@ def prompt_strings() -> list[str]:
     out += ["Yes.", "No.", "Uncertain.", C.NO_CHANGE, C.NO_ABNORMALITY, *C.VIEW_ANSWERS.values()]
     out += [*C.CHANGE_WORDS.values(), *ORGANS, *COT_FINDINGS]
     return out
+
+
+def box_corpus(n: int, seed: int) -> list[str]:
+    """``n`` lines of 1-3 random boxes in the card's text format, e.g. ``"[12,3,42,80]."``.
+
+    Mistral-7B learnt to write numbers from web text; IU report text has almost none (about 300
+    digits and one "[" in the 640k characters of the training split), so without these lines the
+    small LM's digit embeddings and output rows stay near their random start and phase 2, which
+    trains only LoRA on q/v in the LLM, cannot teach it to write a box. The boxes are random:
+    they teach the number syntax, nothing about any image.
+    """
+    from cxrlib.data.boxes import format_boxes
+
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        boxes = []
+        for _ in range(rng.integers(1, 4)):
+            x1, y1 = rng.integers(0, 90, size=2)
+            x2, y2 = x1 + rng.integers(5, 101 - x1), y1 + rng.integers(5, 101 - y1)
+            boxes.append([int(x1), int(y1), int(x2), int(y2)])
+        lines.append(format_boxes(boxes) + ".")
+    return lines
 
 
 # --- paper: pretrained weights from the cache ---------------------------------------------------
@@ -218,8 +242,9 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     hp = engine.HParams.from_section(section, "lm_pretrain")
     tokenizer = stage_tokenizer(cfg, out_dir)
     studies = read_studies(out_dir)
-    train_set = PackedText(report_corpus(studies, "train"), tokenizer, section["seq_len"])
-    val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])
+    texts = report_corpus(studies, "train") + box_corpus(section.get("box_texts", 0), cfg["seed"])
+    train_set = PackedText(texts, tokenizer, section["seq_len"])
+    val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])  # reports
     seed_everything(cfg["seed"])
     model = build_llm(cfg, tokenizer, pretrained=False)
     engine.save_run_info(cfg, target)

@@ -145,3 +145,15 @@ def test_sample_text_continues_the_prompt():
     sampled = B.sample_text(lm, tok, ["The heart"], max_new_tokens=5, temperature=1.0, seed=1)
     assert greedy[0].startswith("The heart") and sampled[0].startswith("The heart")
     assert greedy == B.sample_text(lm, tok, ["The heart"], max_new_tokens=5)
+
+
+def test_box_corpus_is_valid_seeded_box_text():
+    from cxrlib.data.boxes import parse_boxes
+
+    lines = B.box_corpus(200, seed=3)
+    assert lines == B.box_corpus(200, seed=3) and lines != B.box_corpus(200, seed=4)
+    for line in lines:
+        boxes = parse_boxes(line)  # the parser the evaluation uses accepts every line
+        assert 1 <= len(boxes) <= 3
+        assert all(0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 100 for x1, y1, x2, y2 in boxes)
+    assert B.box_corpus(0, seed=0) == []
