@@ -8,8 +8,9 @@
   instruction does not fall apart into single bytes (which would make every phase-2 sequence
   much longer); every text starts with a space, as with Mistral's SentencePiece;
 * ``lm_pretrain_stage``: the small Mistral as a causal LM on packed report text (what
-  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences), plus a few
-  lines of random box coordinates, because report text has almost no digits (``box_corpus``);
+  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences), optionally
+  with lines of random boxes, because report text has almost no digits (``box_corpus``,
+  ``train.lm_pretrain.box_texts``; off in ``tiny``, see the README);
 * ``encoder_pretrain_stage``: the small DINOv2 on PhantomCXR images with masked-patch prediction
   (the masked-token half of DINOv2's objective, with a pixel target as in SimMIM because there is
   no teacher) plus a light multi-label head on the 13 findings (``MaskedPatchPretrainer``).
