@@ -871,24 +871,35 @@ def match_image_token_scale(model, features: torch.Tensor) -> float:
     return factor
 
 
-def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
-    """Phase 1: train the C-Abstractor alone on report-only pairs; saves ``<out>/phase1``."""
+def _phase_setup(cfg: dict, phase: str, out_dir: Path, device, default_trainable: list[str]):
+    """What phases 1 and 2 both start from: the trainable parts, hyper-parameters, Accelerator,
+    tokenizer, datasets, backbones folder and the freshly built (seeded) model."""
     from cxrlib.backbones import stage_tokenizer
     from cxrlib.data.datasets import load_datasets
-    from cxrlib.model import build_model, count_parameters, save_trained, set_trainable
+    from cxrlib.model import build_model
     from cxrlib.utils import seed_everything
 
-    t_start = time.perf_counter()
-    timings = {}
-    target = stage_dir("phase1", out_dir)
-    trainable = list(cfg["train"]["phase1"].get("trainable", ["projector"]))
-    hp, accelerator = _stage_setup(cfg, "phase1", device)
+    trainable = list(cfg["train"][phase].get("trainable", default_trainable))
+    hp, accelerator = _stage_setup(cfg, phase, device)
     tokenizer = stage_tokenizer(cfg, out_dir)
     data = load_datasets(out_dir / "data")
     seed_everything(cfg["seed"])
     backbones = _backbones_dir(cfg, out_dir)
     model = build_model(
         cfg, tokenizer, device=accelerator.device, backbones_dir=backbones, lora="lora" in trainable
+    )
+    return trainable, hp, accelerator, tokenizer, data, backbones, model
+
+
+def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
+    """Phase 1: train the C-Abstractor alone on report-only pairs; saves ``<out>/phase1``."""
+    from cxrlib.model import count_parameters, save_trained, set_trainable
+
+    t_start = time.perf_counter()
+    timings = {}
+    target = stage_dir("phase1", out_dir)
+    trainable, hp, accelerator, tokenizer, data, backbones, model = _phase_setup(
+        cfg, "phase1", out_dir, device, default_trainable=["projector"]
     )
     set_trainable(model, trainable)
     upcast_trainable(model)
@@ -1018,29 +1029,21 @@ def validation_loss(model, sets: dict, collate, batch_size: int, device) -> dict
 
 def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
     """Phase 2: LoRA + the preset's trainable parts on the task mixture; saves ``<out>/phase2``."""
-    from cxrlib.backbones import stage_tokenizer
-    from cxrlib.data.datasets import ConversationDataset, load_datasets
+    from cxrlib.data.datasets import ConversationDataset
     from cxrlib.model import (
-        build_model,
         count_parameters,
         load_trained_weights,
         save_trained,
         set_trainable,
     )
-    from cxrlib.utils import require_artifact, seed_everything
+    from cxrlib.utils import require_artifact
 
     t_start = time.perf_counter()
     target = stage_dir("phase2", out_dir)
     phase1 = stage_dir("phase1", out_dir)
     require_artifact(phase1 / "trained.safetensors", made_by="03-projector-pretraining")
-    trainable = list(cfg["train"]["phase2"].get("trainable", ["lora", "projector", "encoder"]))
-    hp, accelerator = _stage_setup(cfg, "phase2", device)
-    tokenizer = stage_tokenizer(cfg, out_dir)
-    data = load_datasets(out_dir / "data")
-    seed_everything(cfg["seed"])
-    backbones = _backbones_dir(cfg, out_dir)
-    model = build_model(
-        cfg, tokenizer, device=accelerator.device, backbones_dir=backbones, lora="lora" in trainable
+    trainable, hp, accelerator, tokenizer, data, backbones, model = _phase_setup(
+        cfg, "phase2", out_dir, device, default_trainable=["lora", "projector", "encoder"]
     )
     loaded = load_trained_weights(model, phase1)  # phase 1's projector
     scale = None
