@@ -48,8 +48,8 @@ $(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb cxrlib/presets/$(PRESET).yaml $(ST
 
 DATA_LIB := $(wildcard cxrlib/data/*.py)
 MODEL_LIB := $(wildcard cxrlib/model/*.py) cxrlib/tokenizer.py
-TRAIN_LIB := cxrlib/train.py cxrlib/backbones.py
-EVAL_LIB := cxrlib/inference.py cxrlib/labeler.py cxrlib/metrics.py cxrlib/evaluate.py
+TRAIN_LIB := cxrlib/train.py cxrlib/engine.py cxrlib/phases.py cxrlib/backbones.py
+EVAL_LIB := cxrlib/inference.py cxrlib/answers.py cxrlib/labeler.py cxrlib/metrics.py cxrlib/evaluate.py
 nb = $(BUILD)/notebooks/$(1).ipynb
 $(call nb,00-overview): cxrlib/plotting.py
 $(call nb,01-data-prep): $(DATA_LIB)

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from cxrlib.config import load_preset
-from cxrlib.train import STAGES, parse_overrides, read_metrics, run_stage, stage_dir
+from cxrlib.engine import read_metrics
+from cxrlib.phases import stage_dir
+from cxrlib.train import STAGES, parse_overrides, run_stage
 from cxrlib.utils import seed_everything
 
 

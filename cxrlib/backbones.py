@@ -1,47 +1,40 @@
-"""Backbones for the small presets: a BPE tokenizer, a small Mistral and a small DINOv2 encoder.
+"""What the small presets train their backbones with: corpora, datasets, objectives, probes.
 
 ``paper`` starts from Mistral-7B-Instruct-v0.2 and Rad-DINO. No such weights exist at ``tiny`` or
-``smoke`` size, so notebook 02 makes stand-ins from this project's own data, training split only:
+``smoke`` size, so notebook 02 makes stand-ins from this project's own data, training split only.
+The stages themselves are in ``cxrlib.phases``; this module holds their ingredients:
 
-* ``tokenizer_stage``: a byte-level BPE (``cxrlib.tokenizer.train_bpe_tokenizer``) on the IU
-  findings and impressions, plus the card's fixed prompt and answer strings so that an
-  instruction does not fall apart into single bytes (which would make every phase-2 sequence
-  much longer); every text starts with a space, as with Mistral's SentencePiece;
-* ``lm_pretrain_stage``: the small Mistral as a causal LM on packed report text (what
-  Mistral-7B brings to M4CXR is fluent language; ours learns radiology sentences), optionally
-  with lines of random boxes, because report text has almost no digits (``box_corpus``,
-  ``train.lm_pretrain.box_texts``; off in ``tiny``, see the README);
-* ``encoder_pretrain_stage``: the small DINOv2 on PhantomCXR images with masked-patch prediction
-  (the masked-token half of DINOv2's objective, with a pixel target as in SimMIM because there is
-  no teacher) plus a light multi-label head on the 13 findings (``MaskedPatchPretrainer``).
-
-Each saves in ``save_pretrained`` format where ``cxrlib.model.build_model(cfg, tokenizer,
-backbones_dir=out / "backbones")`` reads it. For ``paper`` the stages only check that the
-pretrained weights are in the local Hugging Face cache. Every stage runs through
-``cxrlib.train.run_stage`` (notebook 02 and ``python -m cxrlib.train --stage lm_pretrain``).
+* tokenizer: the IU findings and impressions (``report_corpus``) plus the card's fixed prompt
+  and answer strings (``prompt_strings``), so that an instruction does not fall apart into single
+  bytes (which would make every phase-2 sequence much longer);
+* small Mistral: packed report text (``PackedText``; what Mistral-7B brings to M4CXR is fluent
+  language, ours learns radiology sentences), optionally with lines of random boxes because report
+  text has almost no digits (``box_corpus``, ``train.lm_pretrain.box_texts``); ``sample_text``
+  shows what it learnt;
+* small DINOv2: PhantomCXR images with masked-patch prediction (the masked-token half of DINOv2's
+  objective, with a pixel target as in SimMIM because there is no teacher) plus a light
+  multi-label head on the 13 findings (``MaskedPatchPretrainer``, ``evaluate_encoder``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import pre_tokenizers
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrlib import train as engine
-from cxrlib.constants import COT_FINDINGS, ORGANS, POSITIVE, SYSTEM_TEXT
-from cxrlib.tokenizer import MissingWeightsError, load_tokenizer, missing_weights_message
-from cxrlib.utils import require_artifact, seed_everything
+from cxrlib.constants import COT_FINDINGS, LABEL_OF, NOTEBOOKS, ORGANS, POSITIVE, SYSTEM_TEXT
+from cxrlib.data import conversations as C
+from cxrlib.data.boxes import format_boxes
+from cxrlib.engine import causal_lm_loss
+from cxrlib.utils import require_artifact
 
-DATA_NOTEBOOK = "01-data-prep"
-PROMPT_REPEATS = 20  # weight of the fixed prompt strings in the tokenizer corpus
 MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
 LABEL_WEIGHT = 0.5  # weight of the multi-label head next to the masked-patch loss
 
@@ -51,13 +44,13 @@ LABEL_WEIGHT = 0.5  # weight of the multi-label head next to the masked-patch lo
 
 def read_studies(out_dir: str | Path) -> list[dict]:
     """The study records notebook 01 saved in ``<out>/data/studies.jsonl``."""
-    path = require_artifact(Path(out_dir) / "data" / "studies.jsonl", made_by=DATA_NOTEBOOK)
+    path = require_artifact(Path(out_dir) / "data" / "studies.jsonl", made_by=NOTEBOOKS["data"])
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_images(out_dir: str | Path) -> np.ndarray:
     """All images of the dataset, ``(N, H, W)`` uint8, memory-mapped."""
-    path = require_artifact(Path(out_dir) / "data" / "images.npy", made_by=DATA_NOTEBOOK)
+    path = require_artifact(Path(out_dir) / "data" / "images.npy", made_by=NOTEBOOKS["data"])
     return np.load(path, mmap_mode="r")
 
 
@@ -72,8 +65,6 @@ def report_corpus(studies: Sequence[dict], split: str = "train", source: str = "
 
 def prompt_strings() -> list[str]:
     """The card's fixed instruction strings (placeholders filled with every value they take)."""
-    from cxrlib.data import conversations as C
-
     out = [SYSTEM_TEXT, C.NOT_FOUND, C.NOT_PRESENT, C.MULTI_STUDY_NOTE, C.ABNORMALITY_Q]
     for target in ("radiology image", "radiology images", "current follow-up radiology images"):
         out += [
@@ -109,8 +100,6 @@ def box_corpus(n: int, seed: int) -> list[str]:
     trains only LoRA on q/v in the LLM, cannot teach it to write a box. The boxes are random:
     they teach the number syntax, nothing about any image.
     """
-    from cxrlib.data.boxes import format_boxes
-
     rng = np.random.default_rng(seed)
     lines = []
     for _ in range(n):
@@ -121,79 +110,6 @@ def box_corpus(n: int, seed: int) -> list[str]:
             boxes.append([int(x1), int(y1), int(x2), int(y2)])
         lines.append(format_boxes(boxes) + ".")
     return lines
-
-
-# --- paper: pretrained weights from the cache ---------------------------------------------------
-
-
-def check_cached(hf_id: str) -> Path:
-    """The local snapshot folder of ``hf_id``; ``MissingWeightsError`` (with the fix) if absent."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(hf_id, local_files_only=True))
-    except Exception as err:  # LocalEntryNotFoundError, or no cache at all
-        raise MissingWeightsError(missing_weights_message(hf_id)) from err
-
-
-def _pretrained_summary(cfg: dict, part: str, stage: str) -> dict:
-    hf_id = cfg[part]["hf_id"]
-    path = check_cached(hf_id)
-    return {"stage": stage, "pretrained": hf_id, "path": str(path), "trained": False}
-
-
-# --- tokenizer ----------------------------------------------------------------------------------
-
-
-def tokenizer_stage(cfg: dict, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
-    """Train (``tiny``/``smoke``) or check (``paper``) the tokenizer; saves ``<out>/tokenizer``."""
-    target = engine.stage_dir("tokenizer", out_dir)
-    if cfg["llm"]["hf_id"]:
-        tok = load_tokenizer(cfg)  # MissingWeightsError with the download command if absent
-        tok.save_pretrained(str(target))
-        engine.save_run_info(cfg, target)
-        return {"stage": "tokenizer", "pretrained": cfg["llm"]["hf_id"], "vocab_size": len(tok)}
-    from cxrlib.tokenizer import train_bpe_tokenizer
-
-    t0 = time.perf_counter()
-    texts = report_corpus(read_studies(out_dir))
-    # Every text is learnt, and later encoded, with a leading space, as SentencePiece does for
-    # Mistral: the data layer encodes each answer on its own, and without the space an answer's
-    # first word ("support devices.") would fall apart into rare pieces ("s", "u", "pport")
-    # instead of the word token the LLM knows from mid-sentence (" support").
-    corpus = [" " + t for t in texts + prompt_strings() * PROMPT_REPEATS]
-    tok = train_bpe_tokenizer(
-        corpus, cfg["llm"]["vocab_size"], cfg["train"]["tokenizer"].get("min_frequency", 2)
-    )
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    if len(tok) != cfg["llm"]["vocab_size"]:
-        # Too little text for the requested vocabulary: the LLM's embedding table must match.
-        raise ValueError(
-            f"the report corpus gives only {len(tok)} BPE tokens, fewer than llm.vocab_size "
-            f"{cfg['llm']['vocab_size']}: lower llm.vocab_size or use more studies"
-        )
-    tok.save_pretrained(str(target))
-    engine.save_run_info(cfg, target)
-    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-    summary = {
-        "stage": "tokenizer",
-        "vocab_size": len(tok),
-        "texts": len(texts),
-        "tokens": int(sum(lengths)),
-        "tokens_per_text": float(np.mean(lengths)),
-        "seconds": time.perf_counter() - t0,
-    }
-    (target / engine.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def stage_tokenizer(cfg: dict, out_dir: str | Path):
-    """The tokenizer a later stage uses: Mistral's (``paper``) or notebook 02's BPE."""
-    if cfg["llm"]["hf_id"]:
-        return load_tokenizer(cfg)
-    path = engine.stage_dir("tokenizer", out_dir)
-    require_artifact(path / "tokenizer.json", made_by="02-backbones")
-    return load_tokenizer(cfg, path)
 
 
 # --- language model -------------------------------------------------------------------------
@@ -228,48 +144,8 @@ def collate_rows(rows: list[torch.Tensor]) -> dict:
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token loss of a causal LM on a packed batch (see ``engine.causal_lm_loss``)."""
-    return engine.causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
-
-
-def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
-    """Pre-train the small Mistral on report text; saves ``<out>/backbones/llm``."""
-    if cfg["llm"]["hf_id"]:
-        return _pretrained_summary(cfg, "llm", "lm_pretrain")
-    from cxrlib.model import build_llm
-
-    target = engine.stage_dir("lm_pretrain", out_dir)
-    section = cfg["train"]["lm_pretrain"]
-    hp = engine.HParams.from_section(section, "lm_pretrain")
-    tokenizer = stage_tokenizer(cfg, out_dir)
-    studies = read_studies(out_dir)
-    texts = report_corpus(studies, "train") + box_corpus(section.get("box_texts", 0), cfg["seed"])
-    train_set = PackedText(texts, tokenizer, section["seq_len"])
-    val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])  # reports
-    seed_everything(cfg["seed"])
-    model = build_llm(cfg, tokenizer, pretrained=False)
-    engine.save_run_info(cfg, target)
-    result = engine.train(
-        model, train_set, collate_rows, lm_loss, hp, target,
-        seed=cfg["seed"], count_fn=engine.count_target_tokens, device=device, resume=resume,
-        max_steps=max_steps, checkpoint_every=cfg["train"]["checkpoint_every"],
-        log_every=cfg["train"]["log_every"], desc="lm_pretrain",
-        fingerprint_value=engine.fingerprint(cfg, "lm_pretrain"),
-    )  # fmt: skip
-    model = result.model
-    model.save_pretrained(str(target))  # also after max_steps: later stages can be tried out
-    val = engine.evaluate_loss(
-        model, val_set, collate_rows, lm_loss, hp.micro_batch, device=_model_device(model)
-    )
-    summary = {
-        "stage": "lm_pretrain",
-        **result.to_dict(),
-        "train_rows": len(train_set),
-        "val_loss": val["all"],
-        "val_perplexity": float(np.exp(val["all"])),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return _write_summary(target, summary)
+    """Summed next-token loss of a causal LM on a packed batch (see ``cxrlib.engine.causal_lm_loss``)."""
+    return causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -287,29 +163,37 @@ def sample_text(
     Args:
         model: a causal LM (``MistralForCausalLM``).
         prompts: text beginnings, e.g. ``"The heart"``; ``<s>`` is prepended.
+        seed: seeds the sampling without touching the caller's random state.
 
     Returns:
         The prompts with their continuations, up to the first ``</s>``.
     """
-    device = _model_device(model)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = model_device(model)
+    sampling = temperature > 0
+    options = dict(temperature=temperature, top_k=top_k) if sampling else {}
     was_training = model.training
     model.eval()
     out = []
-    for prompt in prompts:
-        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
-            if temperature <= 0:
-                nxt = int(logits.argmax())
-            else:
-                top = torch.topk(logits / temperature, top_k)
-                probs = torch.softmax(top.values, -1).cpu()
-                nxt = int(top.indices[torch.multinomial(probs, 1, generator=gen)])
-            if nxt == tokenizer.eos_token_id:
-                break
-            ids.append(nxt)
-        out.append(tokenizer.decode(ids[1:], skip_special_tokens=True).strip())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = [
+                tokenizer.bos_token_id,
+                *tokenizer(prompt, add_special_tokens=False)["input_ids"],
+            ]
+            generated = model.generate(
+                torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **options,
+            )[0].tolist()
+            text = generated[1:]
+            if tokenizer.eos_token_id in text:
+                text = text[: text.index(tokenizer.eos_token_id)]
+            out.append(tokenizer.decode(text, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
 
@@ -319,8 +203,6 @@ def sample_text(
 
 def label_vector(labels: dict) -> list[float]:
     """The 13 CoT findings of a study as 0/1 (positive only, as the CoT answer counts them)."""
-    from cxrlib.data.conversations import LABEL_OF
-
     return [float(labels.get(LABEL_OF[name]) == POSITIVE) for name in COT_FINDINGS]
 
 
@@ -401,7 +283,7 @@ def encoder_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Ten
     return per_image.sum(), torch.tensor(per_image.shape[0])
 
 
-class _CollateImages:
+class ImageBatchCollate:
     """Preprocess a list of (image, labels) with the preset's ``ImageProcessor``."""
 
     def __init__(self, processor):
@@ -412,47 +294,10 @@ class _CollateImages:
         return {"pixel_values": pixels, "labels": torch.tensor([lab for _, lab in items])}
 
 
-def encoder_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto") -> dict:
-    """Pre-train the small DINOv2 on PhantomCXR images; saves ``<out>/backbones/encoder``."""
-    if cfg["encoder"]["hf_id"]:
-        return _pretrained_summary(cfg, "encoder", "encoder_pretrain")
-    from cxrlib.model import ImageProcessor, build_encoder
-
-    target = engine.stage_dir("encoder_pretrain", out_dir)
-    hp = engine.HParams.from_section(cfg["train"]["encoder_pretrain"], "encoder_pretrain")
-    studies, images = read_studies(out_dir), read_images(out_dir)
-    processor = ImageProcessor(cfg)
-    train_set = EncoderImages(studies, images, processor, "train")
-    val_set = EncoderImages(studies, images, processor, "val")
-    collate = _CollateImages(processor)
-    seed_everything(cfg["seed"])
-    model = MaskedPatchPretrainer(build_encoder(cfg, pretrained=False))
-    engine.save_run_info(cfg, target)
-    result = engine.train(
-        model, train_set, collate, encoder_loss, hp, target,
-        seed=cfg["seed"], device=device, resume=resume, max_steps=max_steps,
-        checkpoint_every=cfg["train"]["checkpoint_every"], log_every=cfg["train"]["log_every"],
-        desc="encoder_pretrain", fingerprint_value=engine.fingerprint(cfg, "encoder_pretrain"),
-    )  # fmt: skip
-    model = result.model
-    model.encoder.save_pretrained(str(target))
-    probe = evaluate_encoder(model, val_set, collate, hp.micro_batch)
-    summary = {
-        "stage": "encoder_pretrain",
-        **result.to_dict(),
-        "train_images": len(train_set),
-        **{f"val_{k}": v for k, v in probe.items()},
-        "parameters": sum(p.numel() for p in model.encoder.parameters()),
-    }
-    return _write_summary(target, summary)
-
-
 @torch.no_grad()
 def evaluate_encoder(model: MaskedPatchPretrainer, dataset, collate, batch_size: int) -> dict:
     """Validation masked-patch loss, label BCE and macro AUROC of the finding head."""
-    from sklearn.metrics import roc_auc_score
-
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     mim, bce, scores, labels = [], [], [], []
     state = torch.get_rng_state()
@@ -478,11 +323,6 @@ def evaluate_encoder(model: MaskedPatchPretrainer, dataset, collate, batch_size:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter."""
     return next(model.parameters()).device
-
-
-def _write_summary(directory: Path, summary: dict) -> dict:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / engine.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary

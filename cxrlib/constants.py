@@ -55,6 +55,9 @@ COT_FINDINGS = [
     "support devices",
 ]
 
+# A finding's lowercase name (as the CoT answer spells it) -> its CheXpert label.
+LABEL_OF = {name.lower(): name for name in CHEXPERT_LABELS}
+
 # The 5 labels of mF1-5 / uF1-5.
 FIVE_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
@@ -95,3 +98,18 @@ TASK_GROUPS = {
 }
 # Tasks outside the phase-2 mixture: phase-1 pairs and the no-CoT ablation.
 EXTRA_TASKS = ["report_only", "direct_report"]
+# Every task, and the tasks of the phase-2 mixture (all groups; not phase 1 or the ablation).
+MIXTURE_TASKS = [t for group in TASK_GROUPS.values() for t in group]
+ALL_TASKS = MIXTURE_TASKS + list(EXTRA_TASKS)
+
+# The notebook that makes each artifact: every "run notebook NN first" message reads this table.
+NOTEBOOKS = {
+    "overview": "00-overview",
+    "data": "01-data-prep",
+    "backbones": "02-backbones",  # tokenizer, small LM and encoder (or the paper's, checked)
+    "phase1": "03-projector-pretraining",
+    "phase2": "04-instruction-tuning-lora",
+    "inference": "05-cot-inference",
+    "evaluation": "06-evaluation",
+    "explorer": "07-explorer",
+}

@@ -29,15 +29,113 @@ import numpy as np
 import pandas as pd
 
 from cxrlib import metrics
-from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS, POSITIVE
+from cxrlib.answers import parse_findings, parse_grounding, parse_multi_finding
+from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS, LABEL_OF, POSITIVE
+from cxrlib.data.conversations import NOT_FOUND, positive_findings, report_user_turns
+from cxrlib.inference import Chat, run_chats
 from cxrlib.labeler import RuleBasedLabeler, get_labeler
 
 BOX_TASKS = ("finding_grounding", "organ_grounding", "phrase_grounding", "abnormality_detection")
 NAMING_TASKS = ("grounded_finding", "grounded_organ", "grounded_phrase", "single_disease")
 VQA_TASKS = ("vqa", "difference_vqa")
 VIEWS = ("all", "frontal")
-# COT_FINDINGS (lowercase, card order) <-> CheXpert names
-_LABEL_OF = {name.lower(): name for name in CHEXPERT_LABELS}
+
+
+# --- does the phase-2 model read the image? (notebook 04) ---------------------------------------
+
+
+def findings_labels(findings: Sequence[str] | None) -> dict[str, int]:
+    """A CoT turn-1 answer (parsed list of findings) as the 14 CheXpert labels.
+
+    ``No Finding`` is 1 exactly when nothing is named; a malformed answer (None) names nothing.
+    """
+    named = {LABEL_OF[f] for f in (findings or [])}
+    labels = {name: int(name in named) for name in CHEXPERT_LABELS}
+    labels["No Finding"] = int(not named)
+    return labels
+
+
+def findings_answer_check(
+    backend,
+    studies: Sequence[dict],
+    images: np.ndarray,
+    train_studies: Sequence[dict],
+    max_studies: int | None = None,
+    max_new_tokens: int = 48,
+    candidates: int = 20,
+) -> dict:
+    """Does the model read the image? Its CoT turn-1 answer vs the best image-blind answers.
+
+    One frontal image per held-out study is asked the card's turn-1 question; the answer is
+    parsed (``cxrlib.answers.parse_findings``, lenient) and scored as 14 CheXpert labels against
+    the study's own labels (macro F1 over the 14, ``cxrlib.metrics.clinical_f1``). Image-blind
+    answers give every study the same reply: the most common label set of the training split
+    (the issue's baseline) and, stricter, the best of the ``candidates`` most common sets and
+    "all 13 findings" chosen on these very studies (an oracle choice, so an upper bound for
+    any constant answer we tried).
+
+    Args:
+        backend: ``cxrlib.inference.LocalBackend`` around the trained model.
+        studies: held-out study records (e.g. the val split).
+        images: the ``images.npy`` array.
+        train_studies: the training split (for the most common label set).
+        max_studies: score at most this many studies (the first ones), None = all.
+        max_new_tokens: generation budget of the turn-1 answer (13 findings fit in ~40 tokens).
+
+    Returns:
+        ``{"n", "model_mF1_14", "model_uF1_14", "malformed", "most_common_answer",
+        "most_common_mF1_14", "best_constant_answer", "best_constant_mF1_14", "per_label",
+        "examples"}``.
+    """
+    chosen = []
+    for s in studies:
+        frontal = [im for im in s["images"] if im["view"] in FRONTAL_VIEWS]
+        if frontal:
+            chosen.append((s, frontal[0]["index"]))
+    chosen = chosen[:max_studies] if max_studies else chosen
+    if not chosen:
+        raise ValueError("no held-out study with a frontal image to ask")
+    question = report_user_turns("single", 1, cot=True)[0]
+    chats = [
+        Chat([question], [np.asarray(images[i])], {"study_id": s["study_id"]}) for s, i in chosen
+    ]
+    answers = [a[0] for a in run_chats(backend, chats, max_new_tokens, desc="turn-1 answers")]
+    parsed = [parse_findings(a, strict=False) for a in answers]
+    reference = [s["labels"] for s, _ in chosen]
+    model = metrics.clinical_f1(reference, [findings_labels(p) for p in parsed])
+
+    def text(findings) -> str:
+        return ", ".join(findings) + "." if findings else NOT_FOUND
+
+    sets = Counter(tuple(positive_findings(s["labels"])) for s in train_studies)
+    most_common = list(sets.most_common(1)[0][0])
+    options = [list(f) for f, _ in sets.most_common(candidates)] + [list(COT_FINDINGS)]
+    scored = [
+        (metrics.clinical_f1(reference, [findings_labels(o)] * len(chosen))["mF1-14"], o)
+        for o in options
+    ]
+    best_score, best = max(scored, key=lambda x: x[0])
+    return {
+        "n": len(chosen),
+        "model_mF1_14": model["mF1-14"],
+        "model_uF1_14": model["uF1-14"],
+        "malformed": sum(p is None for p in parsed),
+        "most_common_answer": text(most_common),
+        "most_common_mF1_14": metrics.clinical_f1(
+            reference, [findings_labels(most_common)] * len(chosen)
+        )["mF1-14"],
+        "best_constant_answer": text(best),
+        "best_constant_mF1_14": best_score,
+        "per_label": model["per_label"],
+        "examples": [
+            {
+                "study_id": s["study_id"],
+                "answer": a,
+                "reference": text(positive_findings(s["labels"])),
+            }
+            for (s, _), a in list(zip(chosen, answers))[:8]
+        ],
+    }
 
 
 # --- inputs and outputs -------------------------------------------------------------------------
@@ -213,7 +311,7 @@ def cot_findings_metrics(records: Sequence[dict], study_labels: dict[str, dict])
         raise ValueError("no CoT records (cot=True) to score")
     y_true = np.array(
         [
-            [study_labels[r["study_id"]].get(_LABEL_OF[f]) == POSITIVE for f in COT_FINDINGS]
+            [study_labels[r["study_id"]].get(LABEL_OF[f]) == POSITIVE for f in COT_FINDINGS]
             for r in rows
         ]
     )
@@ -237,7 +335,7 @@ def findings_jaccard(record: dict, study_labels: dict[str, dict]) -> float | Non
     if record.get("findings") is None:
         return None
     labels = study_labels[record["study_id"]]
-    true = {f for f in COT_FINDINGS if labels.get(_LABEL_OF[f]) == POSITIVE}
+    true = {f for f in COT_FINDINGS if labels.get(LABEL_OF[f]) == POSITIVE}
     pred = set(record["findings"])
     return 1.0 if not true | pred else len(true & pred) / len(true | pred)
 
@@ -269,8 +367,6 @@ def per_label_table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 def _boxes_of(answer: str | None) -> list[list[int]] | None:
-    from cxrlib.inference import parse_grounding
-
     return parse_grounding(answer)
 
 
@@ -287,8 +383,6 @@ def grounding_metrics(records: Sequence[dict], threshold: float = metrics.IOU_TH
         ``{task: {"mIoU", "accuracy", "n", "malformed", "said_absent", "ious"}, "overall": ...}``;
         ``malformed`` = no box could be read and the answer is not a "not present"; both score 0.
     """
-    from cxrlib.inference import parse_multi_finding
-
     items: dict[str, list[tuple[list | None, list]]] = {}
     for rec in records:
         task, meta = rec["task"], rec.get("meta", {})

@@ -15,14 +15,12 @@ earlier answers. Two backends exist:
     >>> records[0]["findings"], records[0]["report"]
 
 Prompts come from ``cxrlib.data.conversations`` (the card's exact strings), so training and
-inference cannot drift apart. Parsers (``parse_findings``, ``parse_yes_no``, ...) never raise on
-malformed model output: they return None, which the evaluation counts as wrong. Used by
-notebooks 05 and 06.
+inference cannot drift apart. The answers are read by ``cxrlib.answers`` (``parse_findings``,
+``parse_grounding``, ...), which never raises on malformed model output. Used by notebooks 05-07.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,19 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cxrlib.answers import parse_findings
 from cxrlib.config import load_config
-from cxrlib.constants import COT_FINDINGS, FRONTAL_VIEWS, IMAGE_TOKEN, SYSTEM_TEXT
-from cxrlib.data.boxes import parse_boxes
+from cxrlib.constants import FRONTAL_VIEWS, IMAGE_TOKEN, SYSTEM_TEXT
 from cxrlib.data.conversations import (
-    DIFF_VQA_PREFIX,
-    DIFF_VQA_Q,
-    NOT_FOUND,
-    NOT_PRESENT,
-    ORGAN_GROUNDING_Q,
-    PHRASE_GROUNDING_Q,
-    VQA_Q,
-    finding_grounding_question,
-    image_prefix,
     report_user_turns,
 )
 from cxrlib.data.tokenize import encode_prompt, user_text
@@ -306,7 +295,7 @@ def run_chats(
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts (thin wrappers on cxrlib.data.conversations: one copy of every string)
+# Prompts (from cxrlib.data.conversations: one copy of every string)
 # ---------------------------------------------------------------------------------------------
 def report_chat(
     images: Sequence[np.ndarray],
@@ -330,34 +319,6 @@ def report_chat(
         mode = "single" if len(images) == 1 else "multi_image"
     turns = report_user_turns(mode, len(images), prior_report, len(prior_images), cot=cot)
     return Chat(turns, list(prior_images) + images, dict(meta or {}, mode=mode, cot=cot))
-
-
-def finding_grounding_chat(image: np.ndarray, finding: str, meta: dict | None = None) -> Chat:
-    """``Is {finding} present ...? If so, provide the bounding box ...``"""
-    return Chat([finding_grounding_question(finding)], [image], dict(meta or {}))
-
-
-def organ_grounding_chat(image: np.ndarray, organ: str, meta: dict | None = None) -> Chat:
-    return Chat([_single(ORGAN_GROUNDING_Q.format(organ=organ))], [image], dict(meta or {}))
-
-
-def phrase_grounding_chat(image: np.ndarray, phrase: str, meta: dict | None = None) -> Chat:
-    return Chat([_single(PHRASE_GROUNDING_Q.format(phrase=phrase))], [image], dict(meta or {}))
-
-
-def vqa_chat(image: np.ndarray, question: str, meta: dict | None = None) -> Chat:
-    return Chat([_single(VQA_Q.format(question=question))], [image], dict(meta or {}))
-
-
-def difference_vqa_chat(
-    reference: np.ndarray, main: np.ndarray, question: str, meta: dict | None = None
-) -> Chat:
-    user = f"{DIFF_VQA_PREFIX} {DIFF_VQA_Q.format(question=question)}"
-    return Chat([user], [reference, main], dict(meta or {}))
-
-
-def _single(question: str) -> str:
-    return f"{image_prefix(1)} {question}"
 
 
 def conversation_chat(conv: dict, images: np.ndarray) -> Chat:
@@ -497,75 +458,3 @@ def generate_reports(
             }
         )
     return records
-
-
-# ---------------------------------------------------------------------------------------------
-# Output parsers: malformed text -> None (never an exception)
-# ---------------------------------------------------------------------------------------------
-def _clean(text: str | None) -> str | None:
-    if not isinstance(text, str):
-        return None
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def parse_findings(text: str | None, strict: bool = True) -> list[str] | None:
-    """Parse a CoT turn-1 answer (``"cardiomegaly, edema."`` / ``"Not found."``).
-
-    Args:
-        text: the model's answer.
-        strict: if True every comma-separated item must be one of the 13 findings; if False
-            unknown items are ignored.
-
-    Returns:
-        The findings named, deduplicated, in the card's order ([] for "Not found."); None when
-        the answer is malformed (empty, or an unknown item in strict mode).
-    """
-    clean = _clean(text)
-    if not clean:
-        return None
-    clean = clean.rstrip(". ")
-    if clean == NOT_FOUND.lower().rstrip("."):
-        return []
-    items = [i.strip(" .") for i in clean.split(",")]
-    known = [i for i in items if i in COT_FINDINGS]
-    if not known or (strict and len(known) != len(items)):
-        return None
-    return [f for f in COT_FINDINGS if f in known]
-
-
-def parse_yes_no(text: str | None) -> str | None:
-    """``"Yes."`` / ``"Yes. [..]."`` -> ``yes``; ``"No."`` / ``"Not present."`` -> ``no``;
-    ``"Uncertain."`` -> ``uncertain``; anything else -> None."""
-    clean = _clean(text)
-    if not clean:
-        return None
-    if clean.rstrip(". ") == NOT_PRESENT.lower().rstrip("."):
-        return "no"
-    word = re.match(r"^(yes|no|uncertain)\b", clean)
-    return word.group(1) if word else None
-
-
-def parse_grounding(text: str | None) -> list[list[int]] | None:
-    """Boxes of a grounding answer; ``[]`` for "Not present."; None if no box can be read."""
-    if parse_yes_no(text) == "no":
-        return []
-    boxes = parse_boxes(text, strict=False) if isinstance(text, str) else []
-    return boxes or None
-
-
-def parse_multi_finding(text: str | None) -> dict[str, list[list[int]]] | None:
-    """``"edema [..], cardiomegaly [..], [..]."`` -> {finding: boxes}; {} for "Not found.";
-    None when no known finding with a box can be read."""
-    clean = _clean(text)
-    if not clean:
-        return None
-    if clean.rstrip(". ") == NOT_FOUND.lower().rstrip("."):
-        return {}
-    out: dict[str, list[list[int]]] = {}
-    pattern = "|".join(re.escape(f) for f in sorted(COT_FINDINGS, key=len, reverse=True))
-    pieces = re.split(rf"({pattern})", clean)
-    for name, boxes_text in zip(pieces[1::2], pieces[2::2]):
-        boxes = parse_boxes(boxes_text, strict=False)
-        if boxes:
-            out.setdefault(name, []).extend(boxes)
-    return out or None

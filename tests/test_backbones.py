@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cxrlib import backbones as B
+from cxrlib import engine as E
+from cxrlib import phases as P
 from cxrlib import train as T
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS
@@ -98,9 +100,9 @@ def test_encoder_objective_learns_a_fixed_batch(tmp_path):
         return {"pixel_values": torch.stack([x for x, _ in items]),
                 "labels": torch.stack([y for _, y in items])}  # fmt: skip
 
-    hp = T.HParams(steps=30, global_batch=8, micro_batch=8, lr=3e-3, warmup_steps=2)
-    res = T.train(model, data, collate, B.encoder_loss, hp, tmp_path, device="cpu")
-    log = T.read_metrics(tmp_path)
+    hp = E.HParams(steps=30, global_batch=8, micro_batch=8, lr=3e-3, warmup_steps=2)
+    res = E.train(model, data, collate, B.encoder_loss, hp, tmp_path, device="cpu")
+    log = E.read_metrics(tmp_path)
     assert np.mean([r["loss"] for r in log[-3:]]) < 0.8 * np.mean([r["loss"] for r in log[:3]])
     out = res.model(pixels, labels)
     assert out["mim"].shape == (8,) and out["logits"].shape == (8, 13)
@@ -113,7 +115,7 @@ def test_tokenizer_stage_trains_on_the_training_split(tmp_path):
     cfg = load_preset("smoke", {"llm": {"vocab_size": 300}})
     summary = T.run_stage("tokenizer", cfg, tmp_path)
     assert summary["vocab_size"] == 300 and summary["texts"] == 2 * 32
-    tok = B.stage_tokenizer(cfg, tmp_path)
+    tok = P.stage_tokenizer(cfg, tmp_path)
     assert tok.convert_tokens_to_ids("<image>") != tok.unk_token_id
     # an answer encoded on its own starts with the word token the LLM knows from mid-sentence
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -130,7 +132,7 @@ def test_missing_data_names_notebook_01(tmp_path):
     with pytest.raises(MissingArtifactError, match="01-data-prep"):
         T.run_stage("tokenizer", load_preset("smoke"), tmp_path)
     with pytest.raises(MissingArtifactError, match="02-backbones"):
-        B.stage_tokenizer(load_preset("smoke"), tmp_path)
+        P.stage_tokenizer(load_preset("smoke"), tmp_path)
 
 
 def test_sample_text_continues_the_prompt():

@@ -4,6 +4,7 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import example_study
 
 from cxrlib.constants import IMAGE_TOKEN, TASK_GROUPS
 from cxrlib.data.boxes import parse_boxes
@@ -12,7 +13,6 @@ from cxrlib.data.conversations import (
     ConversationError,
     build_conversation,
     cot_answer,
-    example_study,
     find_phrase,
     report_user_turns,
     supported_tasks,

@@ -29,13 +29,7 @@ from cxrlib.utils import MissingArtifactError
 PAPER_PROJECTOR_PARAMS = 38_254_784  # the hand formula of tests/test_projector.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (worker threads spin-wait on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_cached(hf_id: str) -> bool:

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import example_study
 
 from cxrlib.constants import IGNORE_INDEX, SYSTEM_TEXT
-from cxrlib.data.conversations import build_conversation, example_study
+from cxrlib.data.conversations import build_conversation
 from cxrlib.data.tokenize import TokenizeError, collate, encode_conversation, encode_prompt
 from cxrlib.tokenizer import image_token_id, train_bpe_tokenizer
 

@@ -1,4 +1,5 @@
-"""The training engine (cxrlib.train): loss goes down, accumulation, resume, divergence, CLI."""
+"""The training loop (cxrlib.engine) and the stages (cxrlib.phases, cxrlib.train): loss goes down,
+accumulation, resume, divergence, the CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import MistralConfig, MistralForCausalLM
 
+from cxrlib import engine as E
+from cxrlib import evaluate
 from cxrlib import train as T
 from cxrlib.constants import IGNORE_INDEX
+from cxrlib.data import batches, features
 
 
 class TokenRows(Dataset):
@@ -37,7 +41,7 @@ def collate(rows):
 
 
 def lm_loss(model, batch):
-    return T.causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    return E.causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
 def tiny_lm(seed=0):
@@ -56,14 +60,14 @@ def tiny_lm(seed=0):
 
 def hp(**kw):
     base = dict(steps=6, global_batch=8, micro_batch=4, lr=3e-3, warmup_steps=1)
-    return T.HParams(**{**base, **kw})
+    return E.HParams(**{**base, **kw})
 
 
 def run(tmp, model=None, **kw):
-    args = dict(seed=0, count_fn=T.count_target_tokens, device="cpu", log_every=1)
+    args = dict(seed=0, count_fn=E.count_target_tokens, device="cpu", log_every=1)
     args.update(kw)
     h = args.pop("hp", hp())
-    return T.train(model or tiny_lm(), TokenRows(), collate, lm_loss, h, tmp, **args)
+    return E.train(model or tiny_lm(), TokenRows(), collate, lm_loss, h, tmp, **args)
 
 
 def params(model):
@@ -72,17 +76,17 @@ def params(model):
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
     ds = TokenRows(n=8)
-    res = T.train(
+    res = E.train(
         tiny_lm(),
         ds,
         collate,
         lm_loss,
         hp(steps=25, micro_batch=8, lr=2e-2),
         tmp_path,
-        count_fn=T.count_target_tokens,
+        count_fn=E.count_target_tokens,
         device="cpu",
     )
-    log = T.read_metrics(tmp_path)
+    log = E.read_metrics(tmp_path)
     assert len(log) == 25 and [r["step"] for r in log] == list(range(1, 26))
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     assert set(log[0]) == {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed"}
@@ -90,16 +94,16 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 
 
 def test_seeded_order_depends_only_on_seed_and_position():
-    a, b = T.SeededOrder(10, seed=3), T.SeededOrder(10, seed=3)
+    a, b = E.SeededOrder(10, seed=3), E.SeededOrder(10, seed=3)
     assert a.take(7, 15) == b.take(0, 22)[7:]
     assert sorted(a.take(0, 10)) == list(range(10))  # one epoch = a permutation
-    assert a.take(0, 10) != T.SeededOrder(10, seed=4).take(0, 10)
+    assert a.take(0, 10) != E.SeededOrder(10, seed=4).take(0, 10)
 
 
 def test_micro_batches_cover_the_global_batch_across_processes():
     h = hp(global_batch=8, micro_batch=2)
-    order = T.SeededOrder(24, 0)
-    per_rank = [list(T.StepBatchSampler(order, h, 1, 2, num_processes=2, rank=r)) for r in (0, 1)]
+    order = E.SeededOrder(24, 0)
+    per_rank = [list(E.StepBatchSampler(order, h, 1, 2, num_processes=2, rank=r)) for r in (0, 1)]
     assert all(len(mb) == 2 for mbs in per_rank for mb in mbs)  # accumulation 2 per process
     seen = sorted(i for mbs in per_rank for mb in mbs for i in mb)
     assert seen == sorted(order.take(8, 8))
@@ -121,10 +125,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     a, b = params(full.model), params(resumed.model)
     for n in a:
         assert torch.equal(a[n], b[n]), n
-    la, lb = T.read_metrics(tmp_path / "full"), T.read_metrics(tmp_path / "part")
+    la, lb = E.read_metrics(tmp_path / "full"), E.read_metrics(tmp_path / "part")
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) <= T.KEEP_CHECKPOINTS
-    state = json.loads((T.latest_checkpoint(tmp_path / "part") / T.STATE_FILE).read_text())
+    assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) <= E.KEEP_CHECKPOINTS
+    state = json.loads((E.latest_checkpoint(tmp_path / "part") / E.STATE_FILE).read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 8
 
 
@@ -153,8 +157,8 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
         loss, n = lm_loss(model, batch)
         return (loss * float("nan") if calls["n"] > 4 else loss), n  # step 3, micro-batch 1
 
-    with pytest.raises(T.TrainingDivergedError, match="step 3"):
-        T.train(
+    with pytest.raises(E.TrainingDivergedError, match="step 3"):
+        E.train(
             tiny_lm(),
             TokenRows(),
             collate,
@@ -162,12 +166,12 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
             hp(),
             tmp_path,
             device="cpu",
-            count_fn=T.count_target_tokens,
+            count_fn=E.count_target_tokens,
         )
 
 
 def test_exploding_loss_stops(tmp_path):
-    with pytest.raises(T.TrainingDivergedError, match="exploded at step"):
+    with pytest.raises(E.TrainingDivergedError, match="exploded at step"):
         run(tmp_path, hp=hp(lr=50.0, warmup_steps=0, grad_clip=None), explode_factor=1.5)
 
 
@@ -175,12 +179,12 @@ def test_hparams_from_preset_sections():
     from cxrlib.config import ConfigError, load_preset
 
     cfg = load_preset("tiny")
-    p1 = T.HParams.from_section(cfg["train"]["phase1"], "phase1")
+    p1 = E.HParams.from_section(cfg["train"]["phase1"], "phase1")
     assert p1.accumulation(1) == p1.global_batch // p1.micro_batch
-    lm = T.HParams.from_section(cfg["train"]["lm_pretrain"], "lm_pretrain")
+    lm = E.HParams.from_section(cfg["train"]["lm_pretrain"], "lm_pretrain")
     assert lm.micro_batch == lm.global_batch == cfg["train"]["lm_pretrain"]["batch_size"]
     with pytest.raises(ConfigError, match="not a multiple"):
-        T.HParams(steps=1, global_batch=8, micro_batch=4, lr=1.0).accumulation(3)
+        E.HParams(steps=1, global_batch=8, micro_batch=4, lr=1.0).accumulation(3)
 
 
 def test_parse_overrides():
@@ -228,12 +232,12 @@ def _copy_inputs(src, dst):
 def _checkpoint_state(stage_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(T.latest_checkpoint(stage_dir) / "model.safetensors"))
+    return load_file(str(E.latest_checkpoint(stage_dir) / "model.safetensors"))
 
 
 def _initial_model(cfg, out, lora=False, phase1=None):
-    from cxrlib.backbones import stage_tokenizer
     from cxrlib.model import build_model, load_trained_weights
+    from cxrlib.phases import stage_tokenizer
     from cxrlib.utils import seed_everything
 
     seed_everything(cfg["seed"])  # what run_stage does before building
@@ -264,25 +268,27 @@ def test_phase1_trains_only_the_projector(smoke_out, tmp_path):
 
 @pytest.mark.slow
 def test_cached_features_give_the_model_forward(smoke_out):
-    from cxrlib.backbones import stage_tokenizer
     from cxrlib.data.datasets import load_datasets
+    from cxrlib.phases import stage_tokenizer
 
     cfg = _smoke_cfg()
     model = _initial_model(cfg, smoke_out)
     data = load_datasets(smoke_out / "data")
-    pairs = T.Phase1Pairs(data.studies, stage_tokenizer(cfg, smoke_out), cfg)
+    pairs = batches.Phase1Pairs(data.studies, stage_tokenizer(cfg, smoke_out), cfg)
     pairs.images = data.images
-    collate = T.ConversationCollate(model.pad_token_id, cfg)
+    collate = batches.ConversationCollate(model.pad_token_id, cfg)
     with_images = collate([pairs[i] for i in range(3)])
-    pairs.features = T.encoder_features(model, data.images, pairs.image_indices[:3], cfg)
+    pairs.features = features.encoder_features(model, data.images, pairs.image_indices[:3], cfg)
     with_features = collate([pairs[i] for i in range(3)])
     with torch.no_grad():
         a = model(
             with_images["input_ids"], with_images["attention_mask"], with_images["pixel_values"]
         ).logits
-        b = T.FromFeatures(model)(
-            with_features["input_ids"], with_features["attention_mask"], with_features["features"]
-        )
+        b = model(
+            with_features["input_ids"],
+            with_features["attention_mask"],
+            features=with_features["features"],
+        ).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -359,10 +365,13 @@ def test_cli_rejects_unknown_keys(capsys):
 
 
 def test_findings_labels():
-    labels = T.findings_labels(["cardiomegaly", "pleural effusion"])
+    labels = evaluate.findings_labels(["cardiomegaly", "pleural effusion"])
     assert labels["Cardiomegaly"] == labels["Pleural Effusion"] == 1 and labels["No Finding"] == 0
-    assert T.findings_labels([])["No Finding"] == 1 and T.findings_labels(None)["No Finding"] == 1
-    assert sum(T.findings_labels(None).values()) == 1
+    assert (
+        evaluate.findings_labels([])["No Finding"] == 1
+        and evaluate.findings_labels(None)["No Finding"] == 1
+    )
+    assert sum(evaluate.findings_labels(None).values()) == 1
 
 
 # --- the paper preset, as far as a CPU allows ---------------------------------------------------
@@ -372,8 +381,8 @@ def test_paper_hyper_parameters_and_accumulation():
     from cxrlib.config import load_preset
 
     cfg = load_preset("paper")
-    p1 = T.HParams.from_section(cfg["train"]["phase1"], "phase1")
-    p2 = T.HParams.from_section(cfg["train"]["phase2"], "phase2")
+    p1 = E.HParams.from_section(cfg["train"]["phase1"], "phase1")
+    p2 = E.HParams.from_section(cfg["train"]["phase2"], "phase2")
     # the card: 2 per GPU x 64 accumulation x 2 GPUs = 256; 1 x 32 x 2 = 64
     assert (p1.micro_batch, p1.accumulation(2), p1.lr) == (2, 64, 3e-4)
     assert (p2.micro_batch, p2.accumulation(2), p2.lr, p2.schedule) == (1, 32, 1e-4, "linear")
@@ -433,5 +442,5 @@ def test_paper_geometry_one_step_of_every_stage(tmp_path):
         seed_everything(cfg["seed"])
         summary = T.run_stage(stage, cfg, tmp_path, device="cpu")
         assert stage == "tokenizer" or summary["completed"], stage
-    log = T.read_metrics(tmp_path / "phase2")
+    log = E.read_metrics(tmp_path / "phase2")
     assert len(log) == 1 and math.isfinite(log[0]["loss"])

@@ -40,14 +40,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cxrlib.constants import (
+    ALL_TASKS,
     CHEXPERT_LABELS,
     COT_FINDINGS,
-    EXTRA_TASKS,
     FRONTAL_VIEWS,
     IMAGE_TOKEN,
+    LABEL_OF,
     ORGANS,
     POSITIVE,
-    TASK_GROUPS,
     UNCERTAIN,
 )
 from cxrlib.data.boxes import format_box, format_boxes, is_visible, to_relative
@@ -116,7 +116,6 @@ VIEW_ANSWERS = {"PA": "PA", "AP": "AP", "LATERAL": "lateral"}
 NON_ABNORMAL = {"Support Devices"}  # left out of abnormality detection
 
 # Lowercase finding name <-> CheXpert label name.
-LABEL_OF = {name.lower(): name for name in CHEXPERT_LABELS}
 
 # Keywords that make a report sentence a phrase for an observation (a tuple = all words needed).
 OBSERVATION_KEYWORDS: dict[str, list] = {
@@ -760,7 +759,6 @@ BUILDERS: dict[str, Callable[[dict, np.random.Generator], dict | None]] = {
     "report_only": build_report_only,
     "direct_report": build_direct_report,
 }
-ALL_TASKS = [t for group in TASK_GROUPS.values() for t in group] + list(EXTRA_TASKS)
 assert set(BUILDERS) == set(ALL_TASKS), "every task of constants.TASK_GROUPS needs a builder"
 
 
@@ -786,104 +784,3 @@ def build_conversation(task: str, study: dict, rng: np.random.Generator | int) -
 def supported_tasks(study: dict, tasks: Sequence[str] = tuple(ALL_TASKS)) -> list[str]:
     """The tasks ``study`` can make a conversation for (one trial build with a fixed seed)."""
     return [t for t in tasks if build_conversation(t, study, np.random.default_rng(0)) is not None]
-
-
-def example_study(with_prior: bool = True) -> dict:
-    """A small hand-written study record (frontal + lateral, two positive findings with boxes, an
-    uncertain one, a prior study and its changes): for docs, tests and notebook 01."""
-    effusion = {
-        "observation": "Pleural Effusion",
-        "side": "left",
-        "zone": "lower",
-        "severity": "moderate",
-        "status": 1,
-    }
-    cardiomegaly = {
-        "observation": "Cardiomegaly",
-        "side": None,
-        "zone": None,
-        "severity": "mild",
-        "status": 1,
-    }
-    atelectasis = {
-        "observation": "Atelectasis",
-        "side": "right",
-        "zone": "lower",
-        "severity": None,
-        "status": -1,
-    }
-    organs = {
-        "left lung": [66, 20, 118, 120],
-        "right lung": [10, 20, 62, 120],
-        "heart": [40, 70, 100, 115],
-    }
-    labels = {name: None for name in CHEXPERT_LABELS}
-    labels.update(
-        {
-            "No Finding": 0,
-            "Pleural Effusion": 1,
-            "Cardiomegaly": 1,
-            "Atelectasis": -1,
-            "Pneumothorax": 0,
-        }
-    )
-    study = {
-        "study_id": "EX1",
-        "patient_id": "P1",
-        "split": "train",
-        "source": "longitudinal",
-        "findings_text": "The heart is mildly enlarged. There is a moderate left pleural effusion. "
-        "Possible right basilar atelectasis. No pneumothorax.",
-        "impression": "Cardiomegaly and left pleural effusion.",
-        "labels": labels,
-        "findings": [effusion, cardiomegaly, atelectasis],
-        "images": [
-            {
-                "index": 0,
-                "view": "PA",
-                "hw": [144, 128],
-                "organ_boxes": organs,
-                "finding_boxes": [
-                    {"finding": effusion, "box": [70, 95, 120, 135]},
-                    {"finding": cardiomegaly, "box": [35, 65, 105, 118]},
-                    {"finding": atelectasis, "box": [12, 95, 55, 120]},
-                ],
-            },
-            {
-                "index": 1,
-                "view": "LATERAL",
-                "hw": [144, 128],
-                "organ_boxes": {},
-                "finding_boxes": [{"finding": effusion, "box": [20, 100, 110, 136]}],
-            },
-        ],
-        "prior": None,
-        "changes": None,
-    }
-    if with_prior:
-        prior_labels = {name: None for name in CHEXPERT_LABELS}
-        prior_labels.update({"No Finding": 0, "Cardiomegaly": 1})
-        study["prior"] = {
-            "study_id": "EX0",
-            "findings_text": "The heart is mildly enlarged. Lungs are clear.",
-            "findings": [cardiomegaly],
-            "labels": prior_labels,
-            "images": [
-                {
-                    "index": 2,
-                    "view": "PA",
-                    "hw": [144, 128],
-                    "organ_boxes": organs,
-                    "finding_boxes": [{"finding": cardiomegaly, "box": [35, 65, 105, 118]}],
-                },
-                {
-                    "index": 3,
-                    "view": "LATERAL",
-                    "hw": [144, 128],
-                    "organ_boxes": {},
-                    "finding_boxes": [],
-                },
-            ],
-        }
-        study["changes"] = {"Pleural Effusion": "new", "Cardiomegaly": "unchanged"}
-    return study

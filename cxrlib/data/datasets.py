@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrlib.config import load_config, save_config
-from cxrlib.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, LATERAL_VIEW, POSITIVE
+from cxrlib.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, LATERAL_VIEW, NOTEBOOKS, POSITIVE
 from cxrlib.data.conversations import ALL_TASKS, build_conversation, supported_tasks
 from cxrlib.data.iuxray import load_iu_reports
 from cxrlib.data.labels import (
@@ -67,7 +67,7 @@ from cxrlib.data.tokenize import collate, encode_conversation
 from cxrlib.labeler import label_report
 from cxrlib.utils import require_artifact
 
-MADE_BY = "01-data-prep"
+MADE_BY = NOTEBOOKS["data"]
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 

@@ -32,9 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cxrlib.constants import TASK_GROUPS
-
-MIXTURE_TASKS = [t for group in TASK_GROUPS.values() for t in group]
+from cxrlib.constants import MIXTURE_TASKS, TASK_GROUPS
 
 # The card's group shares (percent) and the within-report weights.
 GROUP_SHARES = {"report": 54.0, "classification": 9.0, "localization": 26.0, "vqa": 11.0}

@@ -21,6 +21,7 @@ from cxrlib.model.build import (
     has_lora,
     llm_config,
     set_trainable,
+    upcast_trainable,
 )
 from cxrlib.model.io import load_trained, load_trained_weights, save_trained
 from cxrlib.model.m4cxr import (
@@ -56,4 +57,5 @@ __all__ = [
     "positions_from_mask",
     "save_trained",
     "set_trainable",
+    "upcast_trainable",
 ]

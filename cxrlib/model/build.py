@@ -25,14 +25,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, MistralConfig, MistralForCausalLM
 
-from cxrlib.constants import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN
+from cxrlib.constants import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, NOTEBOOKS
 from cxrlib.model.m4cxr import M4CXR
 from cxrlib.model.projector import CAbstractor
 from cxrlib.tokenizer import MissingWeightsError, missing_weights_message
 from cxrlib.utils import default_dtype, require_artifact
 
 PARTS = ("projector", "lora", "encoder", "llm")  # what set_trainable understands
-BACKBONE_NOTEBOOK = "02-backbones"
+BACKBONE_NOTEBOOK = NOTEBOOKS["backbones"]
 ATTN = "sdpa"  # PyTorch scaled-dot-product attention, in both encoder and LLM
 
 # Mistral-7B-Instruct-v0.2's settings that the preset does not list; the small LLM copies them.
@@ -351,6 +351,14 @@ def set_trainable(model: M4CXR, parts: Iterable[str]) -> int:
             p.requires_grad_(True)
     model.trainable_parts = sorted(set(parts), key=PARTS.index)
     return count_parameters(model, trainable_only=True)
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Keep trainable weights in fp32 (frozen ones may stay bf16): autocast computes in bf16,
+    but AdamW updates of ~1e-4 relative size would vanish in bf16 weights."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

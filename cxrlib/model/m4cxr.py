@@ -184,21 +184,33 @@ class M4CXR(nn.Module):
         return self.projector(self.image_features(pixel_values))
 
     def embed_inputs(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image placeholders replaced by projected image tokens.
+
+        This is the image-token splice of M4CXR, the only one in the project: training (both
+        phases), validation and generation all go through it.
 
         Args:
             input_ids: (B, T) ids with each image expanded to ``num_image_tokens`` placeholders.
             pixel_values: (N, 3, S, S), all images of the batch in placeholder order
                 (sample 0's images first, then sample 1's, ...); None for text-only input.
+            features: instead of ``pixel_values``, the images' encoder output
+                ``(N, num_patches, encoder_width)`` computed beforehand (``image_features``);
+                phase 1 caches them because its encoder is frozen.
 
         Returns:
             (B, T, d_llm) input embeddings for the LLM.
         """
+        if pixel_values is not None and features is not None:
+            raise ValueError("pass pixel_values or precomputed features, not both")
+        images = pixel_values if features is None else features
         per_sample = self.count_images(input_ids)
         expected = int(per_sample.sum())
-        given = 0 if pixel_values is None else int(pixel_values.shape[0])
+        given = 0 if images is None else int(images.shape[0])
         if expected != given:
             raise ImageTokenError(
                 f"the text has {expected} image placeholder(s) (per sample: "
@@ -210,7 +222,11 @@ class M4CXR(nn.Module):
         embeds = table(input_ids)
         if given == 0:
             return embeds
-        image_tokens = self.encode_images(pixel_values.to(embeds.device)).to(embeds.dtype)
+        if features is None:
+            image_tokens = self.encode_images(pixel_values.to(embeds.device))
+        else:
+            image_tokens = self.projector(features.to(embeds.device, embeds.dtype))
+        image_tokens = image_tokens.to(embeds.dtype)
         slots = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
         # masked_scatter fills the slots in row-major order: sample by sample, left to right,
         # which is exactly "images in placeholder order".
@@ -223,6 +239,7 @@ class M4CXR(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss when ``labels`` are given) for a batch of conversations.
@@ -232,6 +249,8 @@ class M4CXR(nn.Module):
             attention_mask: (B, T) 1 for tokens, 0 for padding (left or right); default all 1.
             pixel_values: (N, 3, S, S) all images of the batch in placeholder order, or None.
             labels: (B, T) target ids, ``IGNORE_INDEX`` where no loss is taken.
+            features: precomputed encoder features instead of ``pixel_values`` (see
+                ``embed_inputs``).
 
         Returns:
             The LLM's ``CausalLMOutputWithPast`` (``loss``, ``logits``).
@@ -239,7 +258,7 @@ class M4CXR(nn.Module):
         self.check_length(input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values, features)
         attention_mask = attention_mask.to(embeds.device)
         return self.llm(
             inputs_embeds=embeds,

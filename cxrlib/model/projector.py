@@ -143,3 +143,28 @@ class CAbstractor(nn.Module):
         x = self.net(x)
         x = x.flatten(2).transpose(1, 2)  # (B, M, hidden), row-major again
         return self.readout(x)
+
+    @torch.no_grad()
+    def match_output_norm(self, features: torch.Tensor, target_norm: float | torch.Tensor) -> float:
+        """Scale the readout's last ``Linear`` so output tokens have mean length ``target_norm``.
+
+        A freshly initialised C-Abstractor emits vectors ~30x longer than the word embeddings of a
+        small LLM trained here. The LLM's RMSNorm then divides the gradient reaching them by that
+        factor and image-to-image differences drown in a large common part: the model learns to
+        ignore the image (measured: a held-out yes/no cardiomegaly question stayed at chance).
+        Scaling weight and bias of the last ``Linear`` by one factor scales every token by it.
+
+        Args:
+            features: a few images' encoder patch features ``(N, P, C)``.
+            target_norm: the length to match, e.g. the LLM's mean word-embedding norm.
+
+        Returns:
+            The factor applied.
+        """
+        last = [m for m in self.modules() if isinstance(m, nn.Linear)][-1]
+        tokens = self(features.to(last.weight.device, last.weight.dtype))
+        factor = float(target_norm / tokens.float().norm(dim=-1).mean())
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+        return factor

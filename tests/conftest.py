@@ -1,0 +1,124 @@
+"""What several test files share: a hand-written study record, one-thread torch, small images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxrlib.constants import CHEXPERT_LABELS
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (worker threads spin-wait on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_image(seed: int = 0, hw: tuple[int, int] = (72, 64)) -> np.ndarray:
+    """A grey uint8 noise image (for prompt and shape checks, not for image-content checks)."""
+    return np.random.default_rng(seed).integers(0, 256, hw, dtype=np.uint8)
+
+
+def example_study(with_prior: bool = True) -> dict:
+    """A small hand-written study record (frontal + lateral, two positive findings with boxes, an
+    uncertain one, a prior study and its changes)."""
+    effusion = {
+        "observation": "Pleural Effusion",
+        "side": "left",
+        "zone": "lower",
+        "severity": "moderate",
+        "status": 1,
+    }
+    cardiomegaly = {
+        "observation": "Cardiomegaly",
+        "side": None,
+        "zone": None,
+        "severity": "mild",
+        "status": 1,
+    }
+    atelectasis = {
+        "observation": "Atelectasis",
+        "side": "right",
+        "zone": "lower",
+        "severity": None,
+        "status": -1,
+    }
+    organs = {
+        "left lung": [66, 20, 118, 120],
+        "right lung": [10, 20, 62, 120],
+        "heart": [40, 70, 100, 115],
+    }
+    labels = {name: None for name in CHEXPERT_LABELS}
+    labels.update(
+        {
+            "No Finding": 0,
+            "Pleural Effusion": 1,
+            "Cardiomegaly": 1,
+            "Atelectasis": -1,
+            "Pneumothorax": 0,
+        }
+    )
+    study = {
+        "study_id": "EX1",
+        "patient_id": "P1",
+        "split": "train",
+        "source": "longitudinal",
+        "findings_text": "The heart is mildly enlarged. There is a moderate left pleural effusion. "
+        "Possible right basilar atelectasis. No pneumothorax.",
+        "impression": "Cardiomegaly and left pleural effusion.",
+        "labels": labels,
+        "findings": [effusion, cardiomegaly, atelectasis],
+        "images": [
+            {
+                "index": 0,
+                "view": "PA",
+                "hw": [144, 128],
+                "organ_boxes": organs,
+                "finding_boxes": [
+                    {"finding": effusion, "box": [70, 95, 120, 135]},
+                    {"finding": cardiomegaly, "box": [35, 65, 105, 118]},
+                    {"finding": atelectasis, "box": [12, 95, 55, 120]},
+                ],
+            },
+            {
+                "index": 1,
+                "view": "LATERAL",
+                "hw": [144, 128],
+                "organ_boxes": {},
+                "finding_boxes": [{"finding": effusion, "box": [20, 100, 110, 136]}],
+            },
+        ],
+        "prior": None,
+        "changes": None,
+    }
+    if with_prior:
+        prior_labels = {name: None for name in CHEXPERT_LABELS}
+        prior_labels.update({"No Finding": 0, "Cardiomegaly": 1})
+        study["prior"] = {
+            "study_id": "EX0",
+            "findings_text": "The heart is mildly enlarged. Lungs are clear.",
+            "findings": [cardiomegaly],
+            "labels": prior_labels,
+            "images": [
+                {
+                    "index": 2,
+                    "view": "PA",
+                    "hw": [144, 128],
+                    "organ_boxes": organs,
+                    "finding_boxes": [{"finding": cardiomegaly, "box": [35, 65, 105, 118]}],
+                },
+                {
+                    "index": 3,
+                    "view": "LATERAL",
+                    "hw": [144, 128],
+                    "organ_boxes": {},
+                    "finding_boxes": [],
+                },
+            ],
+        }
+        study["changes"] = {"Pleural Effusion": "new", "Cardiomegaly": "unchanged"}
+    return study
