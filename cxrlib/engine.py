@@ -29,6 +29,7 @@ import platform
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from cxrlib.constants import IGNORE_INDEX
 
 EXPLODE_FACTOR = 10.0  # a loss this many times the first step's loss means the run diverged
 KEEP_CHECKPOINTS = 2  # older checkpoints of a stage are deleted
+PREVIOUS_CHECKPOINTS = "checkpoints.previous"  # where a run of another identity is set aside
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "trainer_state.json"
@@ -224,6 +226,7 @@ class TrainResult:
     samples_per_s: float
     peak_memory_gb: float
     metrics_path: str
+    identity: dict | None = None  # what the run was made of (settings, upstream artifacts)
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -232,10 +235,26 @@ class TrainResult:
         return d
 
 
+def use_cpu(device: str | torch.device = "auto") -> bool:
+    """True when ``device`` (``auto`` | ``cpu`` | ``cuda``) means training on the CPU."""
+    device = str(device)
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def process_count(device: str | torch.device = "auto") -> int:
+    """Processes of this run (1, or ``torchrun`` / ``accelerate launch``'s world size).
+
+    Creates Accelerate's process state with the final ``cpu`` flag, which also sets up the process
+    group (gloo on CPU, nccl on GPU). Created without it on a machine without CUDA, the state would
+    never join a process group and every process would train alone into the same folder.
+    """
+    return PartialState(cpu=use_cpu(device)).num_processes
+
+
 def build_accelerator(device: str | torch.device = "auto", accumulation: int = 1):
     """An ``Accelerator``: bf16 autocast on CUDA, fp32 on CPU, ``accumulation`` micro-batches."""
-    device = str(device)
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    cpu = use_cpu(device)
+    process_count(device)  # the process group first, with the right backend
     kwargs = dict(
         cpu=cpu,
         mixed_precision="no" if cpu else "bf16",
@@ -280,12 +299,40 @@ def save_run_info(cfg: dict, directory: str | Path) -> None:
     (directory / VERSIONS_FILE).write_text(json.dumps(versions(), indent=2))
 
 
-def fingerprint(cfg: dict, stage: str) -> str:
-    """A hash of what a stage's result depends on; a checkpoint made with another one is refused."""
+def config_hash(cfg: dict, stage: str) -> str:
+    """A hash of the settings a stage's result depends on (model, data and its ``train`` section)."""
     keys = ("seed", "data", "encoder", "projector", "llm", "lora")
     relevant = {k: cfg.get(k) for k in keys}
     relevant["train"] = cfg.get("train", {}).get(stage)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a file's bytes; ``"absent"`` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return "absent"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def identity_changes(saved: dict | None, current: dict | None) -> list[str]:
+    """The top-level (and ``inputs``) entries in which two run identities differ."""
+    if saved == current:
+        return []
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return ["the run's identity (the checkpoint predates identities or has none)"]
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changed.append(key)
+    return changed
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -349,7 +396,8 @@ def train(
     checkpoint_every: int | None = None,
     log_every: int = 10,
     desc: str = "train",
-    fingerprint_value: str = "",
+    identity: dict | None = None,
+    rerun_hint: str = "",
     explode_factor: float = EXPLODE_FACTOR,
     num_workers: int = 0,
 ) -> TrainResult:
@@ -372,7 +420,11 @@ def train(
         checkpoint_every: steps between checkpoints (None: only at the end).
         log_every: steps between progress-bar updates (every step is logged to the file).
         desc: progress bar label and the name used in error messages.
-        fingerprint_value: stored with checkpoints; resuming with another value is an error.
+        identity: what the run is made of (e.g. ``{"config": ..., "inputs": {...}}``), stored
+            with every checkpoint. A checkpoint of another identity is never resumed: it is moved
+            to ``checkpoints.previous`` (with a warning naming what changed) and training starts
+            afresh, so a changed setting or upstream artifact cannot return stale weights.
+        rerun_hint: how to run the stage again with another learning rate (in error messages).
         explode_factor: stop when the loss exceeds this multiple of the first step's loss.
         num_workers: DataLoader workers.
 
@@ -382,7 +434,7 @@ def train(
     out_dir = Path(out_dir)
     ckpt_root, metrics_path = out_dir / "checkpoints", out_dir / METRICS_FILE
     if accelerator is None:
-        accelerator = build_accelerator(device, hp.accumulation(PartialState().num_processes))
+        accelerator = build_accelerator(device, hp.accumulation(process_count(device)))
     world, rank = accelerator.num_processes, accelerator.process_index
     accum = hp.accumulation(world)
     if accelerator.gradient_accumulation_steps != accum:
@@ -406,11 +458,22 @@ def train(
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         saved = json.loads((ckpt / STATE_FILE).read_text())
-        if saved.get("fingerprint") != fingerprint_value:
-            raise ValueError(
-                f"{ckpt} was made with another configuration than this {desc} run; delete "
-                f"{ckpt_root} or pass resume=False (--no-resume) to start again"
+        changed = identity_changes(saved.get("identity"), identity)
+        if changed:
+            previous = out_dir / PREVIOUS_CHECKPOINTS
+            warnings.warn(
+                f"{desc}: not resuming {ckpt.name}: {', '.join(changed)} changed since it was "
+                f"made; training afresh (the old checkpoints are kept in {previous})",
+                stacklevel=2,
             )
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(previous, ignore_errors=True)
+                ckpt_root.rename(previous)
+                if metrics_path.exists():
+                    metrics_path.rename(previous / METRICS_FILE)
+            ckpt = None
+    if ckpt is not None:
         accelerator.load_state(str(ckpt))  # weights, optimiser, schedule, RNG states
         state = saved
     elif accelerator.is_main_process:
@@ -439,10 +502,11 @@ def train(
     progress = tqdm(
         total=hp.steps, initial=start, desc=desc, disable=not accelerator.is_main_process
     )
-    records = read_metrics(metrics_path) if accelerator.is_main_process else []
+    records = read_metrics(metrics_path)  # every process keeps them (its TrainResult); main writes
     for step in range(start, end):
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
+        rows = torch.tensor([sum(count_rows(b) for b in micro)], device=accelerator.device)
         n_items = torch.tensor(float(sum(count_fn(b) for b in micro)), device=accelerator.device)
         n_items = accelerator.reduce(n_items, "sum").clamp(min=1.0)
         # backward() divides by `accum` and DDP averages over processes: undo both so that the
@@ -460,7 +524,9 @@ def train(
                     clip = hp.grad_clip if hp.grad_clip else float("inf")
                     grad_norm = accelerator.clip_grad_norm_(trainable, clip)
                     step_loss = float(accelerator.reduce(loss_sum, "sum") / n_items)
-                    _check_finite(step_loss, grad_norm, step + 1, state, explode_factor, desc)
+                    _check_finite(
+                        step_loss, grad_norm, step + 1, state, explode_factor, desc, rerun_hint
+                    )
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -476,9 +542,10 @@ def train(
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": hp.global_batch / dt,
             "elapsed": state["elapsed"],
+            "samples_per_process": accelerator.gather(rows).tolist(),
         }
+        records.append(record)
         if accelerator.is_main_process:
-            records.append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         progress.update(1)
@@ -486,7 +553,7 @@ def train(
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
         last = step + 1 == end
         if last or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-            _save_checkpoint(accelerator, ckpt_root, state, fingerprint_value, seed, hp)
+            _save_checkpoint(accelerator, ckpt_root, state, identity, seed, hp)
     progress.close()
 
     losses = [r["loss"] for r in records[-10:]]
@@ -500,6 +567,7 @@ def train(
         samples_per_s=state["step"] * hp.global_batch / max(state["elapsed"], 1e-9),
         peak_memory_gb=peak_memory_gb(),
         metrics_path=str(metrics_path),
+        identity=identity,
         model=accelerator.unwrap_model(model),
     )
     accelerator.wait_for_everyone()
@@ -507,28 +575,36 @@ def train(
     return result
 
 
-def _check_finite(loss: float, grad_norm, step: int, state: dict, factor: float, desc: str):
+def _check_finite(
+    loss: float, grad_norm, step: int, state: dict, factor: float, desc: str, hint: str = ""
+):
     """Raise before the optimiser step when the loss or the gradient has gone wrong."""
     norm = float(grad_norm) if grad_norm is not None else 0.0
+    # Resuming would replay the same data with the same weights and diverge at the same step:
+    # the advice is a lower learning rate, which changes the run's identity and starts afresh.
+    fix = (
+        "lower the learning rate and run the stage again"
+        + (f", e.g. {hint}" if hint else " (train.<stage>.lr)")
+        + "; the changed rate starts the stage afresh (resuming would diverge at the same step)"
+    )
     if not math.isfinite(loss) or not math.isfinite(norm):
         raise TrainingDivergedError(
-            f"{desc}: at step {step} the loss is {loss} and the gradient norm {norm}; lower "
-            f"train.<stage>.lr, check the data of this step, or resume from the last checkpoint"
+            f"{desc}: at step {step} the loss is {loss} and the gradient norm {norm}: {fix}"
         )
     first = state["first_loss"]
     if first is not None and first > 0 and loss > factor * first:
         raise TrainingDivergedError(
             f"{desc}: the loss exploded at step {step} ({loss:.4g}, more than {factor:g}x the "
-            f"first step's {first:.4g}); lower train.<stage>.lr or raise warmup_steps"
+            f"first step's {first:.4g}): {fix}, or raise warmup_steps"
         )
 
 
-def _save_checkpoint(accelerator, root: Path, state: dict, fp: str, seed: int, hp: HParams):
+def _save_checkpoint(accelerator, root: Path, state: dict, identity, seed: int, hp: HParams):
     path = root / f"step-{state['step']:06d}"
     accelerator.save_state(str(path))  # every process takes part (FSDP / DeepSpeed shards)
     if accelerator.is_main_process:
         data_position = state["step"] * hp.global_batch
-        extra = {"fingerprint": fp, "seed": seed, "samples_seen": data_position}
+        extra = {"identity": identity, "seed": seed, "samples_seen": data_position}
         (path / STATE_FILE).write_text(json.dumps({**state, **extra}, indent=2))
         for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
@@ -587,7 +663,9 @@ def evaluate_loss(
 
 
 def write_summary(directory: Path, summary: dict) -> dict:
-    """Write a stage's ``summary.json`` (what ``run_stage`` returns) and return ``summary``."""
+    """Write a stage's ``summary.json`` (main process only) and return ``summary``."""
+    if not PartialState().is_main_process:
+        return summary
     directory.mkdir(parents=True, exist_ok=True)
     (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary

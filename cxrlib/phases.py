@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.state import PartialState
 from huggingface_hub import snapshot_download
 from tokenizers import pre_tokenizers
 from torch import nn
@@ -87,10 +86,57 @@ def stage_dir(stage: str, out_dir: str | Path) -> Path:
     }[stage]
 
 
+# What each stage is built from (beyond its own settings), and the file that stands for each.
+STAGE_INPUTS = {
+    "tokenizer": ("data",),
+    "lm_pretrain": ("data", "tokenizer"),
+    "encoder_pretrain": ("data",),
+    "phase1": ("data", "tokenizer", "lm_pretrain", "encoder_pretrain"),
+    "phase2": ("data", "tokenizer", "lm_pretrain", "encoder_pretrain", "phase1"),
+}
+ARTIFACT_FILES = {
+    "data": ("data/studies.jsonl", "data/images.npy"),
+    "tokenizer": ("tokenizer/tokenizer.json",),
+    "lm_pretrain": ("backbones/llm/model.safetensors",),
+    "encoder_pretrain": ("backbones/encoder/model.safetensors",),
+    "phase1": ("phase1/trained.safetensors",),
+}
+
+
+def stage_identity(cfg: dict, stage: str, out_dir: str | Path) -> dict:
+    """What a stage's result is made of: its settings and the content of every upstream artifact.
+
+    Stored with each checkpoint (``cxrlib.engine.train``), so retraining phase 1, the tokenizer,
+    a backbone or the data makes every later stage train afresh instead of resuming stale weights.
+    Artifacts a preset loads from the hub (``paper``) are ``"absent"``; their ids are in the config.
+    """
+    out_dir = Path(out_dir)
+    inputs = {
+        name: "+".join(engine.file_hash(out_dir / f) for f in ARTIFACT_FILES[name])
+        for name in STAGE_INPUTS[stage]
+    }
+    return {"config": engine.config_hash(cfg, stage), "inputs": inputs}
+
+
+def _train_stage(cfg: dict, stage: str, out_dir: Path, model, dataset, collate, loss, hp, **kw):
+    """``engine.train`` with what every stage passes: seed, checkpointing, logging, identity."""
+    lower = hp.lr / 2
+    hint = (
+        f"`python -m cxrlib.train --stage {stage} --preset {cfg.get('name', 'tiny')} "
+        f'--set train.{stage}.lr={lower:.3g}` (in a notebook: OVERRIDES="train.{stage}.lr={lower:.3g}")'
+    )
+    return engine.train(
+        model, dataset, collate, loss, hp, stage_dir(stage, out_dir),
+        seed=cfg["seed"], checkpoint_every=cfg["train"]["checkpoint_every"],
+        log_every=cfg["train"]["log_every"], desc=stage,
+        identity=stage_identity(cfg, stage, out_dir), rerun_hint=hint, **kw,
+    )  # fmt: skip
+
+
 def _stage_setup(cfg: dict, stage: str, device, num_processes: int | None = None):
     """The stage's hyper-parameters and an Accelerator with the matching accumulation."""
     hp = engine.HParams.from_section(cfg["train"][stage], stage)
-    world = num_processes or PartialState().num_processes
+    world = num_processes or engine.process_count(device)
     return hp, engine.build_accelerator(device, hp.accumulation(world))
 
 
@@ -181,13 +227,20 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     seed_everything(cfg["seed"])
     model = build_llm(cfg, tokenizer, pretrained=False)
     engine.save_run_info(cfg, target)
-    result = engine.train(
-        model, train_set, collate_rows, lm_loss, hp, target,
-        seed=cfg["seed"], count_fn=engine.count_target_tokens, device=device, resume=resume,
-        max_steps=max_steps, checkpoint_every=cfg["train"]["checkpoint_every"],
-        log_every=cfg["train"]["log_every"], desc="lm_pretrain",
-        fingerprint_value=engine.fingerprint(cfg, "lm_pretrain"),
-    )  # fmt: skip
+    result = _train_stage(
+        cfg,
+        "lm_pretrain",
+        out_dir,
+        model,
+        train_set,
+        collate_rows,
+        lm_loss,
+        hp,
+        count_fn=engine.count_target_tokens,
+        device=device,
+        resume=resume,
+        max_steps=max_steps,
+    )
     model = result.model
     model.save_pretrained(str(target))  # also after max_steps: later stages can be tried out
     val = engine.evaluate_loss(
@@ -218,12 +271,19 @@ def encoder_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, devi
     seed_everything(cfg["seed"])
     model = MaskedPatchPretrainer(build_encoder(cfg, pretrained=False))
     engine.save_run_info(cfg, target)
-    result = engine.train(
-        model, train_set, collate, encoder_loss, hp, target,
-        seed=cfg["seed"], device=device, resume=resume, max_steps=max_steps,
-        checkpoint_every=cfg["train"]["checkpoint_every"], log_every=cfg["train"]["log_every"],
-        desc="encoder_pretrain", fingerprint_value=engine.fingerprint(cfg, "encoder_pretrain"),
-    )  # fmt: skip
+    result = _train_stage(
+        cfg,
+        "encoder_pretrain",
+        out_dir,
+        model,
+        train_set,
+        collate,
+        encoder_loss,
+        hp,
+        device=device,
+        resume=resume,
+        max_steps=max_steps,
+    )
     model = result.model
     model.encoder.save_pretrained(str(target))
     probe = evaluate_encoder(model, val_set, collate, hp.micro_batch)
@@ -326,13 +386,20 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
     t0 = time.perf_counter()
     before = val_loss()
     timings["validation"] = time.perf_counter() - t0
-    result = engine.train(
-        model, train_pairs, collate, multimodal_loss, hp, target,
-        seed=cfg["seed"], count_fn=engine.count_target_tokens, accelerator=accelerator, resume=resume,
-        max_steps=max_steps, checkpoint_every=cfg["train"]["checkpoint_every"],
-        log_every=cfg["train"]["log_every"], desc="phase1",
-        fingerprint_value=engine.fingerprint(cfg, "phase1"),
-    )  # fmt: skip
+    result = _train_stage(
+        cfg,
+        "phase1",
+        out_dir,
+        model,
+        train_pairs,
+        collate,
+        multimodal_loss,
+        hp,
+        count_fn=engine.count_target_tokens,
+        accelerator=accelerator,
+        resume=resume,
+        max_steps=max_steps,
+    )
     t0 = time.perf_counter()
     after = val_loss()
     shuffled = None
@@ -433,13 +500,20 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
     t0 = time.perf_counter()
     val_before = validation_loss(model, val_sets, collate, eval_batch, accelerator.device)
     val_seconds = time.perf_counter() - t0
-    result = engine.train(
-        model, train_set, collate, multimodal_loss, hp, target,
-        seed=cfg["seed"], count_fn=engine.count_target_tokens, accelerator=accelerator, resume=resume,
-        max_steps=max_steps, checkpoint_every=cfg["train"]["checkpoint_every"],
-        log_every=cfg["train"]["log_every"], desc="phase2",
-        fingerprint_value=engine.fingerprint(cfg, "phase2"),
-    )  # fmt: skip
+    result = _train_stage(
+        cfg,
+        "phase2",
+        out_dir,
+        model,
+        train_set,
+        collate,
+        multimodal_loss,
+        hp,
+        count_fn=engine.count_target_tokens,
+        accelerator=accelerator,
+        resume=resume,
+        max_steps=max_steps,
+    )
     model = result.model
     t0 = time.perf_counter()
     val_after = validation_loss(model, val_sets, collate, eval_batch, accelerator.device)

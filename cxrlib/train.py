@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.state import PartialState
 
 from cxrlib import phases
 from cxrlib.config import PRESETS, ConfigError, load_preset
@@ -108,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for stage in STAGES if args.stage == "all" else [args.stage]:
         summary = run_stage(stage, cfg, out, not args.no_resume, args.max_steps, args.device)
         shown = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
-        print(f"{stage}: {json.dumps(shown)}", file=sys.stderr)
+        if PartialState().is_main_process:  # one line per stage, not one per process
+            print(f"{stage}: {json.dumps(shown)}", file=sys.stderr)
     return summary
 
 

@@ -122,3 +122,39 @@ def example_study(with_prior: bool = True) -> dict:
         }
         study["changes"] = {"Pleural Effusion": "new", "Cardiomegaly": "unchanged"}
     return study
+
+
+# --- a smoke output folder with data and backbones (2 steps each), shared by the training tests ---
+FAST = {"train": {k: {"steps": 2} for k in ("lm_pretrain", "encoder_pretrain", "phase1", "phase2")}}
+
+
+def smoke_cfg() -> dict:
+    """The smoke preset with 2 steps per stage."""
+    from cxrlib.config import load_preset
+
+    return load_preset("smoke", FAST)
+
+
+@pytest.fixture(scope="session")
+def smoke_out(tmp_path_factory):
+    """``data``, ``tokenizer`` and ``backbones`` of the smoke preset, built once per session."""
+    from cxrlib.data.datasets import build_datasets
+    from cxrlib.train import run_stage
+    from cxrlib.utils import seed_everything
+
+    out = tmp_path_factory.mktemp("smoke_train")
+    cfg = smoke_cfg()
+    build_datasets(cfg, out / "data", workers=1)
+    for stage in ("tokenizer", "lm_pretrain", "encoder_pretrain"):
+        seed_everything(cfg["seed"])
+        run_stage(stage, cfg, out, device="cpu")
+    return out
+
+
+def copy_inputs(src, dst, names=("data", "tokenizer", "backbones")):
+    """Copy a smoke folder's artifacts (without checkpoints) so a test can train on its own."""
+    import shutil
+
+    for name in names:
+        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("checkpoints"))
+    return dst

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import copy_inputs, smoke_cfg
 from torch.utils.data import Dataset
 from transformers import MistralConfig, MistralForCausalLM
 
@@ -44,9 +45,10 @@ def lm_loss(model, batch):
     return E.causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
-def tiny_lm(seed=0):
+def tiny_lm(seed=0, dropout=0.0):
     torch.manual_seed(seed)
     cfg = MistralConfig(
+        attention_dropout=dropout,
         vocab_size=32,
         hidden_size=32,
         intermediate_size=64,
@@ -89,7 +91,10 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     log = E.read_metrics(tmp_path)
     assert len(log) == 25 and [r["step"] for r in log] == list(range(1, 26))
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
-    assert set(log[0]) == {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed"}
+    assert set(log[0]) == {
+        "step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed", "samples_per_process"
+    }  # fmt: skip
+    assert log[0]["samples_per_process"] == [8]
     assert res.completed and res.peak_memory_gb > 0
 
 
@@ -117,10 +122,11 @@ def test_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = run(tmp_path / "full", checkpoint_every=2)
-    part = run(tmp_path / "part", checkpoint_every=2, max_steps=3)
+    # Dropout makes every step draw random numbers: resuming must restore the RNG state too.
+    full = run(tmp_path / "full", model=tiny_lm(dropout=0.3), checkpoint_every=2)
+    part = run(tmp_path / "part", model=tiny_lm(dropout=0.3), checkpoint_every=2, max_steps=3)
     assert part.steps == 3 and not part.completed
-    resumed = run(tmp_path / "part", checkpoint_every=2)
+    resumed = run(tmp_path / "part", model=tiny_lm(dropout=0.3), checkpoint_every=2)
     assert resumed.steps == 6 and resumed.completed
     a, b = params(full.model), params(resumed.model)
     for n in a:
@@ -132,10 +138,41 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert state["step"] == 6 and state["samples_seen"] == 6 * 8
 
 
-def test_resume_refuses_another_configuration(tmp_path):
-    run(tmp_path, max_steps=2, fingerprint_value="a")
-    with pytest.raises(ValueError, match="another configuration"):
-        run(tmp_path, fingerprint_value="b")
+def test_dropout_matters_so_the_resume_test_can_fail(tmp_path):
+    a = run(tmp_path / "a", model=tiny_lm(dropout=0.3), hp=hp(steps=2))
+    model = tiny_lm(dropout=0.3)  # the same initial weights (tiny_lm seeds) ...
+    torch.manual_seed(123)  # ... but another random state for the dropout masks
+    b = E.train(
+        model, TokenRows(), collate, lm_loss, hp(steps=2), tmp_path / "b",
+        seed=0, count_fn=E.count_target_tokens, device="cpu",
+    )  # fmt: skip
+    assert E.read_metrics(tmp_path / "a")[-1]["loss"] != E.read_metrics(tmp_path / "b")[-1]["loss"]
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_another_identity_trains_afresh_and_keeps_the_old_run(tmp_path):
+    run(tmp_path, max_steps=2, identity={"config": "a", "inputs": {"phase1": "x"}})
+    with pytest.warns(UserWarning, match=r"inputs\.phase1 changed.*training afresh"):
+        res = run(tmp_path, identity={"config": "a", "inputs": {"phase1": "y"}})
+    assert res.completed and res.identity["inputs"]["phase1"] == "y"
+    assert [r["step"] for r in E.read_metrics(tmp_path)] == list(range(1, 7))  # from step 1
+    previous = tmp_path / E.PREVIOUS_CHECKPOINTS
+    assert sorted(p.name for p in previous.glob("step-*")) == ["step-000002"]
+    assert len(E.read_metrics(previous)) == 2
+    with pytest.warns(UserWarning, match="config changed"):
+        run(tmp_path, identity={"config": "b", "inputs": {"phase1": "y"}})
+
+
+def test_divergence_advice_names_the_command_and_works(tmp_path):
+    hint = "`python -m cxrlib.train --stage phase2 --set train.phase2.lr=0.0015`"
+    with pytest.raises(E.TrainingDivergedError, match="lower the learning rate.*lr=0.0015") as err:
+        run(tmp_path, hp=hp(lr=50.0, warmup_steps=0, grad_clip=None), explode_factor=1.5,
+            checkpoint_every=1, identity={"config": "lr50"}, rerun_hint=hint)  # fmt: skip
+    assert "resuming would diverge" in str(err.value)
+    # Following the advice (another learning rate = another identity) trains afresh, no refusal.
+    with pytest.warns(UserWarning, match="training afresh"):
+        res = run(tmp_path, identity={"config": "lr3e-3"}, checkpoint_every=1)
+    assert res.completed and math.isfinite(res.final_loss)
 
 
 def test_only_trainable_parameters_change(tmp_path):
@@ -198,36 +235,6 @@ def test_parse_overrides():
 # One session fixture builds smoke data and backbones (2 steps each); the tests then run phase 1
 # and phase 2 for 2 steps and inspect what changed.
 
-FAST = {"train": {k: {"steps": 2} for k in ("lm_pretrain", "encoder_pretrain", "phase1", "phase2")}}
-
-
-def _smoke_cfg():
-    from cxrlib.config import load_preset
-
-    return load_preset("smoke", FAST)
-
-
-@pytest.fixture(scope="session")
-def smoke_out(tmp_path_factory):
-    from cxrlib.data.datasets import build_datasets
-    from cxrlib.utils import seed_everything
-
-    out = tmp_path_factory.mktemp("smoke_train")
-    cfg = _smoke_cfg()
-    build_datasets(cfg, out / "data", workers=1)
-    for stage in ("tokenizer", "lm_pretrain", "encoder_pretrain"):
-        seed_everything(cfg["seed"])
-        T.run_stage(stage, cfg, out, device="cpu")
-    return out
-
-
-def _copy_inputs(src, dst):
-    import shutil
-
-    for name in ("data", "tokenizer", "backbones"):
-        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("checkpoints"))
-    return dst
-
 
 def _checkpoint_state(stage_dir):
     from safetensors.torch import load_file
@@ -249,8 +256,8 @@ def _initial_model(cfg, out, lora=False, phase1=None):
 
 @pytest.mark.slow
 def test_phase1_trains_only_the_projector(smoke_out, tmp_path):
-    out = _copy_inputs(smoke_out, tmp_path)
-    cfg = _smoke_cfg()
+    out = copy_inputs(smoke_out, tmp_path)
+    cfg = smoke_cfg()
     summary = T.run_stage("phase1", cfg, out, device="cpu")
     assert summary["completed"] and summary["features_cached"]
     assert (out / "phase1" / "encoder_features.pt").exists()
@@ -271,7 +278,7 @@ def test_cached_features_give_the_model_forward(smoke_out):
     from cxrlib.data.datasets import load_datasets
     from cxrlib.phases import stage_tokenizer
 
-    cfg = _smoke_cfg()
+    cfg = smoke_cfg()
     model = _initial_model(cfg, smoke_out)
     data = load_datasets(smoke_out / "data")
     pairs = batches.Phase1Pairs(data.studies, stage_tokenizer(cfg, smoke_out), cfg)
@@ -294,8 +301,8 @@ def test_cached_features_give_the_model_forward(smoke_out):
 
 @pytest.mark.slow
 def test_phase2_changes_only_the_intended_modules(smoke_out, tmp_path):
-    out = _copy_inputs(smoke_out, tmp_path)
-    cfg = _smoke_cfg()
+    out = copy_inputs(smoke_out, tmp_path)
+    cfg = smoke_cfg()
     with pytest.raises(Exception, match="03-projector-pretraining"):
         T.run_stage("phase2", cfg, out, device="cpu")  # phase 1 missing: says which notebook
     T.run_stage("phase1", cfg, out, device="cpu")
@@ -332,8 +339,8 @@ def test_cli_and_notebook_give_the_same_checkpoint(smoke_out, tmp_path):
 
     from cxrlib.notebook import setup
 
-    cli_out = _copy_inputs(smoke_out, tmp_path / "cli")
-    nb_out = _copy_inputs(smoke_out, tmp_path / "nb")
+    cli_out = copy_inputs(smoke_out, tmp_path / "cli")
+    nb_out = copy_inputs(smoke_out, tmp_path / "nb")
     args = [
         "--stage",
         "phase1",
@@ -444,3 +451,26 @@ def test_paper_geometry_one_step_of_every_stage(tmp_path):
         assert stage == "tokenizer" or summary["completed"], stage
     log = E.read_metrics(tmp_path / "phase2")
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
+
+
+@pytest.mark.slow
+def test_a_retrained_phase1_makes_phase2_train_afresh(smoke_out, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    out = copy_inputs(smoke_out, tmp_path)
+    cfg = smoke_cfg()
+    T.run_stage("phase1", cfg, out, device="cpu")
+    T.run_stage("phase2", cfg, out, device="cpu")
+    old = load_file(str(out / "phase2" / "trained.safetensors"))
+    changed = copy.deepcopy(cfg)
+    changed["train"]["phase1"]["lr"] = 5e-3
+    with pytest.warns(UserWarning, match="phase1: not resuming.*config changed"):
+        T.run_stage("phase1", changed, out, device="cpu")
+    with pytest.warns(UserWarning, match="phase2: not resuming.*inputs.phase1 changed"):
+        summary = T.run_stage("phase2", changed, out, device="cpu")
+    new_phase1 = E.file_hash(out / "phase1" / "trained.safetensors")
+    assert summary["identity"]["inputs"]["phase1"] == new_phase1
+    new = load_file(str(out / "phase2" / "trained.safetensors"))
+    assert any(not torch.equal(old[k], new[k]) for k in old), "phase 2 returned stale weights"
