@@ -600,6 +600,11 @@ def _check_finite(
 
 
 def _save_checkpoint(accelerator, root: Path, state: dict, identity, seed: int, hp: HParams):
+    # Rotation by hand rather than Accelerate's ProjectConfiguration(total_limit=...): that names
+    # folders by save count and deletes before the new save is complete, while here a checkpoint
+    # is named by its optimiser step and counts only once trainer_state.json is written, so an
+    # interrupted save never costs the last complete checkpoint; and the Accelerator is created
+    # (and shared by notebooks) before the stage knows its folder.
     path = root / f"step-{state['step']:06d}"
     accelerator.save_state(str(path))  # every process takes part (FSDP / DeepSpeed shards)
     if accelerator.is_main_process:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import classification_report
 
 from cxrlib import metrics
 from cxrlib.answers import parse_findings, parse_grounding, parse_multi_finding
@@ -566,30 +567,22 @@ def labeler_agreement(
         raise ValueError(f"{len(texts)} texts but {len(reference_labels)} reference label rows")
     y_true = metrics.binarize(reference_labels, uncertain_as_positive)
     y_pred = metrics.binarize(label_texts(texts, labeler), uncertain_as_positive)
-    tp = (y_true & y_pred).sum(0)
-    fp = (~y_true & y_pred).sum(0)
-    fn = (y_true & ~y_pred).sum(0)
-
-    def row(t, p, n, n_ref, n_pred):
-        return {
-            "n_ref": int(n_ref),
-            "n_pred": int(n_pred),
-            "precision": float(t / (t + p)) if t + p else 0.0,
-            "recall": float(t / (t + n)) if t + n else 0.0,
-            "f1": float(metrics.f1_from_counts(t, p, n)),
-        }
-
-    rows = {
-        name: row(tp[i], fp[i], fn[i], y_true[:, i].sum(), y_pred[:, i].sum())
-        for i, name in enumerate(CHEXPERT_LABELS)
-    }
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    macro = table[["precision", "recall", "f1"]].mean()
-    table.loc["macro"] = [table["n_ref"].sum(), table["n_pred"].sum(), *macro.tolist()]
-    table.loc["micro"] = list(
-        row(tp.sum(), fp.sum(), fn.sum(), y_true.sum(), y_pred.sum()).values()
+    report = classification_report(
+        y_true, y_pred, target_names=CHEXPERT_LABELS, output_dict=True, zero_division=0
     )
-    table[["n_ref", "n_pred"]] = table[["n_ref", "n_pred"]].astype(int)
+    rows = {}
+    for name, key in [
+        *((n, n) for n in CHEXPERT_LABELS),
+        ("macro", "macro avg"),
+        ("micro", "micro avg"),
+    ]:
+        scores = report[key]
+        rows[name] = {"n_ref": int(scores["support"]), "n_pred": 0}
+        rows[name].update({k: float(scores[k]) for k in ("precision", "recall", "f1-score")})
+    table = pd.DataFrame.from_dict(rows, orient="index").rename(columns={"f1-score": "f1"})
+    predicted = y_pred.sum(0)
+    table.loc[CHEXPERT_LABELS, "n_pred"] = predicted
+    table.loc[["macro", "micro"], "n_pred"] = int(predicted.sum())
     return table
 
 
