@@ -1,6 +1,9 @@
 """Every task's conversation builder, with the exact prompt strings of the M4CXR card.
 
-A conversation is a plain dict (see the team brief)::
+One file on purpose (longer than the others): the card's strings and the builder of each of its
+17 formats are read side by side, and a shared string cannot drift between two files.
+
+A conversation is a plain dict::
 
     {"task": "cot_single", "images": [17], "meta": {...},
      "turns": [{"user": "radiology image: <image> Which of ...", "assistant": "cardiomegaly."},

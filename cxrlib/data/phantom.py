@@ -6,7 +6,9 @@ attenuation ("density") map from simple analytic shapes (body wall, lungs, heart
 diaphragm, ribs, clavicles, spine, lung vessels), adds one layer per finding, and maps it to
 brightness the way film does (``1 - exp(-gain * density)``): bone and fluid white, lungs dark.
 Everything is vectorised numpy; a 144x128 image takes a few milliseconds
-(``benchmarks/bench_phantom.py``). Introduced in notebook 01.
+(``benchmarks/bench_phantom.py``). Introduced in notebook 01. One file on purpose (the longest of
+the package): the anatomy, every finding's layer and the film response share one coordinate frame,
+and the boxes the grounding tasks use are computed from the very shapes drawn.
 
 Usage::
 
