@@ -6,6 +6,7 @@ import torch
 
 from cxrlib.constants import COT_FINDINGS, IMAGE_TOKEN
 from cxrlib.data.conversations import build_conversation, example_study, report_user_turns
+from cxrlib.data.phantom import render
 from cxrlib.inference import (
     Backend,
     Chat,
@@ -43,11 +44,12 @@ def toy():
 
 @pytest.fixture(scope="module")
 def images():
-    return np.random.default_rng(0).integers(0, 256, (4, 144, 128), dtype=np.uint8)
+    return np.stack([img(seed, (144, 128)) for seed in range(4)])
 
 
 def img(seed=0, hw=(72, 64)):
-    return np.random.default_rng(seed).integers(0, 256, hw, dtype=np.uint8)
+    """A PhantomCXR render (inference refuses pure noise, see tests/test_images.py)."""
+    return render([], "PA", hw, patient_seed=seed, acquisition_seed=seed).image
 
 
 # ---------------------------------------------------------------------------- prompts
