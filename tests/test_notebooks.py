@@ -121,7 +121,9 @@ CHECKS = {
     ),
     "05-cot-inference": lambda m: m["test_studies"] > 0 and len(m["reports"]) == 4,
     "06-evaluation": lambda m: (
-        bool(m["labeler"]) and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
+        bool(m["labeler"])
+        and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
+        and all(r["degenerate"]["n"] == r["n"] for r in m["reports"].values())
     ),
     "07-explorer": lambda m: m["studies"] > 0 and 0 <= m["exact_label_agreement"] <= 1,
 }
