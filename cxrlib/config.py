@@ -105,20 +105,28 @@ class DataSection(_Section):
     longitudinal_patients: NonNegativeInt
     max_images_per_study: PositiveInt
     samples_per_study: PositiveInt
-    mixture: StrictStr | dict[StrictStr, NonNegativeFloat]  # a name or {task: weight}
+    mixture: Any  # a name of MIXTURES or {task: weight >= 0}; checked below (one message)
 
     @field_validator("mixture")
     @classmethod
     def _known_mixture(cls, value):
-        if isinstance(value, str) and value not in MIXTURES:
-            raise ValueError(
-                f"unknown mixture; choose one of {', '.join(MIXTURES)} or give a dict of task "
-                "weights {task: weight >= 0}"
-            )
-        if isinstance(value, dict):
+        choices = f"choose one of {', '.join(MIXTURES)} or give a dict of task weights"
+        if isinstance(value, str):
+            if value not in MIXTURES:
+                raise ValueError(f"unknown mixture; {choices}")
+        elif isinstance(value, dict):
             unknown = [t for t in value if t not in TASKS]
             if unknown:
                 raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+            bad = {
+                t: w
+                for t, w in value.items()
+                if isinstance(w, bool) or not isinstance(w, int | float) or w < 0
+            }
+            if bad:
+                raise ValueError(f"task weights must be numbers >= 0, got {bad}")
+        else:
+            raise ValueError(f"not a mixture; {choices}")
         return value
 
 
@@ -334,6 +342,55 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+_TYPE_NAMES = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "text",
+    "boolean": "true or false",
+    "null": "null",
+    "object": "a mapping",
+}
+
+
+def _schema_at(loc: tuple) -> dict | None:
+    """The JSON schema of the value at ``loc`` (for "expected ..." hints)."""
+    root = PresetSchema.model_json_schema()
+    node = root
+    for part in loc:
+        if "$ref" in node:
+            node = root["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        if isinstance(part, int):
+            node = node.get("items")
+        else:
+            node = node.get("properties", {}).get(part)
+        if node is None:
+            return None
+    if "$ref" in node:
+        node = root["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _expected(schema: dict) -> str:
+    """``{"type": "integer", "minimum": 1}`` -> ``an integer >= 1``."""
+    if "anyOf" in schema:
+        return " or ".join(_expected(s) for s in schema["anyOf"])
+    if schema.get("type") == "array":
+        items = schema.get("items", {})
+        count = ""
+        if "minItems" in schema and schema.get("minItems") == schema.get("maxItems"):
+            count = f" of {schema['minItems']}"
+        return f"a list{count}, each {_expected(items)}" if items else f"a list{count}"
+    if "enum" in schema:
+        return "one of " + ", ".join(map(str, schema["enum"]))
+    text = _TYPE_NAMES.get(schema.get("type"), "a value")
+    for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<=")):
+        if key in schema:
+            text += f" {op} {schema[key]}"
+    if "exclusiveMaximum" in schema:
+        text += f"{' and' if text.count(' ') > 1 else ''} < {schema['exclusiveMaximum']}"
+    return text
+
+
 def _describe(error: dict) -> str:
     """One line per pydantic error: the key, the value, what is allowed."""
     loc, kind, value = error["loc"], error["type"], error.get("input")
@@ -344,14 +401,16 @@ def _describe(error: dict) -> str:
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"{path} = {value!r}: unknown key{hint} (known keys here: {', '.join(known)})"
+    schema = _schema_at(loc)
+    expected = f" (expected {_expected(schema)})" if schema and not kind.startswith("value") else ""
     if kind == "missing":
-        return f"{path}: missing; every preset needs it (add it to the YAML)"
+        return f"{path}: missing; every preset needs it{expected}"
     if kind == "literal_error":
         return f"{path} = {value!r}: not allowed; choose one of {error['ctx']['expected']}"
     msg = error["msg"].removeprefix("Value error, ")
     if kind == "float_type" and isinstance(value, str):
-        msg += " (YAML reads 1e-4 as text: write 1.0e-4)"
-    return f"{path} = {value!r}: {msg}"
+        msg += "; YAML reads 1e-4 as text: write 1.0e-4"
+    return f"{path} = {value!r}: {msg}{expected}"
 
 
 def validate(cfg: dict, where: str = "config") -> None:

@@ -148,10 +148,12 @@ def test_a_typo_in_the_root_preset_fails_every_preset(preset_dir):
 @pytest.mark.parametrize(
     "override, key, allowed",
     [
-        ({"train": {"phase2": {"steps": "ten"}}}, "train.phase2.steps = 'ten'", "valid integer"),
+        ({"train": {"phase2": {"steps": "ten"}}}, "train.phase2.steps = 'ten'", "an integer >= 1"),
         ({"train": {"phase1": {"steps": 2.5}}}, "train.phase1.steps = 2.5", "valid integer"),
         ({"train": {"phase1": {"schedule": "cosin"}}}, "schedule = 'cosin'", "'cosine'"),
         ({"data": {"mixture": "papr"}}, "data.mixture = 'papr'", "paper, uniform"),
+        ({"data": {"mixture": 5}}, "data.mixture = 5", "not a mixture"),
+        ({"data": {"max_studies": "all"}}, "max_studies = 'all'", "an integer >= 1 or null"),
         ({"data": {"mixture": {"vqa": 1.0, "vqa2": 1.0}}}, "['vqa2']", "difference_vqa"),
         ({"train": {"phase2": {"trainable": ["lora", "projektor"]}}}, "trainable[1]", "'llm'"),
         ({"lora": {"target_modules": ["q_proj", "query"]}}, "target_modules[1]", "'o_proj'"),
