@@ -400,7 +400,9 @@ def _describe(error: dict) -> str:
         known = list(section.model_fields) if section else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{path} = {value!r}: unknown key{hint} (known keys here: {', '.join(known)})"
+        return (
+            f"unknown config key '{path}' = {value!r}{hint} (known keys here: {', '.join(known)})"
+        )
     schema = _schema_at(loc)
     expected = f" (expected {_expected(schema)})" if schema and not kind.startswith("value") else ""
     if kind == "missing":

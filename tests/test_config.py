@@ -139,7 +139,7 @@ def test_a_typo_in_the_root_preset_fails_every_preset(preset_dir):
         with pytest.raises(ConfigError) as err:
             load_preset(name)
         message = str(err.value)
-        assert "train.lm_pretrain.warmup_step = 30: unknown key" in message
+        assert "unknown config key 'train.lm_pretrain.warmup_step' = 30" in message
         assert "did you mean 'warmup_steps'?" in message
         if name != "smoke":  # smoke sets its own warmup_steps
             assert "train.lm_pretrain.warmup_steps: missing" in message
