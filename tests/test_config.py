@@ -216,3 +216,14 @@ def test_a_users_yaml_file_is_validated_by_the_same_schema(tmp_path):
     (tmp_path / "loop.yaml").write_text("inherits: loop.yaml\n")
     with pytest.raises(ConfigError, match="circle"):
         load_preset(str(tmp_path / "loop.yaml"))
+
+
+def test_notebooks_take_a_users_file(tmp_path, monkeypatch):
+    from cxrlib.notebook import setup
+
+    monkeypatch.setenv("CXR_OUTPUT_ROOT", str(tmp_path / "build"))
+    path = tmp_path / "mine.yaml"
+    path.write_text("inherits: smoke\n")
+    run = setup(str(path), figure_dir=str(tmp_path / "figures"))
+    assert run.out == tmp_path / "build" / "mine"  # build/<name>, not build/<path>
+    assert run.cfg["train"] == load_preset("smoke")["train"]
