@@ -23,6 +23,7 @@ import torch
 
 from cxrlib import metrics
 from cxrlib.config import load_preset
+from cxrlib.data.phantom import render
 from cxrlib.labeler import label_reports
 
 
@@ -75,12 +76,8 @@ def bench_generation(
         backend = LocalBackend(model, cfg, batch_size=batch_size)
         what = "tiny architecture, random weights"
     max_new = cfg["inference"]["max_new_tokens"]
-    rng = np.random.default_rng(0)
-    h, w = cfg["data"]["render_size"]
-    chats = [
-        report_chat([rng.integers(0, 256, (h, w), dtype=np.uint8)], cot=True)
-        for _ in range(n_studies)
-    ]
+    size = tuple(cfg["data"]["render_size"])  # PhantomCXR renders: chats refuse pure noise
+    chats = [report_chat([render([], "PA", size, i, i).image], cot=True) for i in range(n_studies)]
     print(f"CoT generation: {what}; {n_studies} single-image studies, batch {batch_size}, "
           f"{max_new} new tokens max per turn, {threads} threads")  # fmt: skip
     # The machine is shared: alternate the two settings and keep each one's fastest run.

@@ -14,10 +14,10 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 
 from cxrlib.constants import IGNORE_INDEX
+from cxrlib.data.phantom import render
 from cxrlib.inference import LocalBackend, report_chat
 from cxrlib.model import add_lora, count_parameters, set_trainable
 from cxrlib.model.toy import toy_model, toy_tokenizer
@@ -73,11 +73,10 @@ def generation_speed(model, batch_size: int, new_tokens: int) -> float:
 
 
 def cot_speedup(model, cfg, n_chats: int, new_tokens: int) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    h, w = cfg["data"]["render_size"]
+    size = tuple(cfg["data"]["render_size"])  # PhantomCXR renders: chats refuse pure noise
     chats = [
-        report_chat([rng.integers(0, 256, (h, w), dtype=np.uint8) for _ in range(2)])
-        for _ in range(n_chats)
+        report_chat([render([], view, size, i, i).image for view in ("PA", "LATERAL")])
+        for i in range(n_chats)
     ]
     times = []
     for reuse in (True, False):

@@ -113,3 +113,10 @@ NOTEBOOKS = {
     "evaluation": "06-evaluation",
     "explorer": "07-explorer",
 }
+
+# The parts of the model that ``train.<phase>.trainable`` may name (``cxrlib.model.set_trainable``).
+TRAINABLE_PARTS = ("projector", "lora", "encoder", "llm")
+
+# The linear layers of a Mistral decoder block that ``lora.target_modules`` may name (attention
+# q/k/v/o and the gated MLP); tests check this against the modules of a built model.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

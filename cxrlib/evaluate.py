@@ -15,12 +15,16 @@ model:
 Per the card, single-image records are scored per image (all views, or frontal only); multi-image
 and multi-study records are scored once per frontal image of the study (their turn-2 report).
 The two baselines make the numbers readable: an image-blind "most common report" and the report
-of the nearest training image by encoder features. Introduced in notebook 06.
+of the nearest training image by encoder features. Every report table also carries the count of
+degenerate outputs (empty, no words, box strings, prompt copies; ``cxrlib.metrics.degenerate_outputs``)
+and flags a setting whose outputs are mostly such: the labeler reads them as "No Finding", which
+scores on a mostly normal test set. Introduced in notebook 06.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,7 +269,9 @@ def report_metrics(
 
     Returns:
         ``{"n", "views", "labeler", "clinical": {...}, "clinical_ci": {...},
-        "clinical_uncertain_as_positive": {...}, "language": {...}}``.
+        "clinical_uncertain_as_positive": {...}, "language": {...}, "degenerate": {...}}``;
+        ``degenerate`` counts the outputs that are not reports (``metrics.degenerate_outputs``),
+        with a warning when they are most of them.
     """
     rows = scoring_rows(records, views)
     if not rows:
@@ -277,10 +283,19 @@ def report_metrics(
     refs = [r["reference"] or "" for r in rows]
     hyps = [r["report"] or "" for r in rows]
     ref_labels, hyp_labels = label_texts(refs, labeler), label_texts(hyps, labeler)
+    degenerate = metrics.degenerate_outputs([r["report"] for r in rows])
+    if degenerate["mostly_degenerate"]:
+        warnings.warn(
+            f"{degenerate['degenerate']} of {degenerate['n']} outputs are not reports "
+            f"({_kinds(degenerate)}); the labeler reads them as 'No Finding', so this table's "
+            "clinical F1 does not measure report quality",
+            stacklevel=2,
+        )
     out = {
         "n": len(rows),
         "views": views,
         "labeler": labeler.name,
+        "degenerate": degenerate,
         "clinical": metrics.clinical_f1(ref_labels, hyp_labels),
         "clinical_uncertain_as_positive": metrics.clinical_f1(
             ref_labels, hyp_labels, uncertain_as_positive=True
@@ -341,9 +356,17 @@ def findings_jaccard(record: dict, study_labels: dict[str, dict]) -> float | Non
     return 1.0 if not true | pred else len(true & pred) / len(true | pred)
 
 
+def _kinds(degenerate: dict) -> str:
+    return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in degenerate["counts"].items() if n)
+
+
 def summary_row(name: str, result: dict) -> dict:
-    """One table row (values x100) from a ``report_metrics`` result."""
+    """One table row (values x100) from a ``report_metrics`` result; ``degenerate %`` is the
+    share of outputs that are not reports, ``flag`` says when they are most of them."""
     row = {"setting": name, "n": result["n"]}
+    if "degenerate" in result:
+        row["degenerate %"] = 100 * result["degenerate"]["fraction"]
+        row["flag"] = "MOSTLY DEGENERATE" if result["degenerate"]["mostly_degenerate"] else ""
     row.update({k: 100 * result["clinical"][k] for k in metrics.CLINICAL_KEYS})
     row.update(
         {f"{k} (unc+)": 100 * result["clinical_uncertain_as_positive"][k] for k in ("mF1-14",)}
@@ -352,6 +375,40 @@ def summary_row(name: str, result: dict) -> dict:
         value = result.get("language", {}).get(key)
         row[key] = None if value is None else 100 * value
     return row
+
+
+def degenerate_table(results: dict[str, dict]) -> pd.DataFrame:
+    """Degenerate outputs per setting (counts by kind), to print next to a clinical table."""
+    rows = []
+    for name, r in results.items():
+        d = r["degenerate"]
+        rows.append(
+            {
+                "setting": name,
+                "n": d["n"],
+                **{k.replace("_", " "): d["counts"][k] for k in metrics.DEGENERATE_KINDS},
+                "degenerate %": 100 * d["fraction"],
+                "flag": "MOSTLY DEGENERATE" if d["mostly_degenerate"] else "",
+            }
+        )
+    return pd.DataFrame(rows).set_index("setting")
+
+
+def degenerate_note(results: dict[str, dict]) -> str:
+    """A Markdown line naming the settings whose outputs are mostly degenerate ("" if none)."""
+    flagged = [
+        f"{name} ({r['degenerate']['degenerate']} of {r['degenerate']['n']}: "
+        f"{_kinds(r['degenerate'])})"
+        for name, r in results.items()
+        if r["degenerate"]["mostly_degenerate"]
+    ]
+    if not flagged:
+        return ""
+    return (
+        "**Mostly degenerate outputs** (empty, no words, box strings or prompt copies, which the "
+        "labeler reads as 'No Finding'): the clinical F1 of these rows does not measure report "
+        "quality: " + "; ".join(flagged) + "."
+    )
 
 
 def per_label_table(results: dict[str, dict]) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from cxrlib.data.conversations import (
     report_user_turns,
 )
 from cxrlib.data.tokenize import encode_prompt, user_text
-from cxrlib.model import M4CXR, ImageProcessor, check_image, load_trained
+from cxrlib.model import M4CXR, ImageProcessor, check_image, check_image_content, load_trained
 from cxrlib.model.m4cxr import SequenceTooLongError
 from cxrlib.tokenizer import MissingWeightsError, missing_weights_message
 from cxrlib.utils import default_dtype, resolve_device
@@ -57,11 +57,15 @@ class Chat:
         turns: user strings in order; ``<image>`` placeholders only in the first.
         images: grayscale uint8 ``(H, W)`` arrays, one per placeholder, in order.
         meta: anything to carry along (study id, task, reference answers, ...).
+        check_content: refuse images that cannot be radiographs (constant, almost uniform,
+            noise) and warn on clipped or flat ones (``cxrlib.model.check_image_content``);
+            False only to probe a model with such inputs on purpose.
     """
 
     turns: list[str]
     images: list[np.ndarray]
     meta: dict = field(default_factory=dict)
+    check_content: bool = True
 
     def __post_init__(self):
         if not self.turns:
@@ -75,7 +79,8 @@ class Chat:
         if any(IMAGE_TOKEN in t for t in self.turns[1:]):
             raise ValueError(f"only the first turn may contain {IMAGE_TOKEN}")
         for i, image in enumerate(self.images):
-            check_image(image, f"image {i} of the chat")
+            check = check_image_content if self.check_content else check_image
+            check(image, f"image {i} of the chat")
 
 
 @runtime_checkable
@@ -113,10 +118,20 @@ class LocalBackend:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, device: str = "auto", batch_size: int | None = None, **kw
+        cls,
+        directory: str | Path,
+        device: str = "auto",
+        batch_size: int | None = None,
+        allow_incomplete: bool = False,
+        **kw,
     ) -> LocalBackend:
-        """Load ``directory`` (written by ``save_trained``) onto ``device`` (auto = cuda if any)."""
-        model = load_trained(directory, device=resolve_device(device))
+        """Load ``directory`` (written by ``save_trained``) onto ``device`` (auto = cuda if any).
+
+        An early-stopped stage (``--max-steps``) is refused unless ``allow_incomplete``.
+        """
+        model = load_trained(
+            directory, device=resolve_device(device), allow_incomplete=allow_incomplete
+        )
         cfg = load_config(directory)
         return cls(model, cfg, batch_size or cfg["inference"]["batch_size"], **kw)
 

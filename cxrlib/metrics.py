@@ -21,6 +21,11 @@ reference code, pure Python) on lowercased word tokens (``tokenize``); METEOR fr
 ``pycocoevalcap``'s METEOR 1.5 when Java is installed, else NLTK's re-implementation when NLTK's
 WordNet data is present, else left out (``meteor_backend`` says which).
 
+Degenerate outputs (``degenerate_outputs``): the labeler reads an empty or non-report output as
+"No Finding" (CheXpert's rule, kept), which scores well on a mostly normal test set. So every
+clinical table also counts outputs that are empty, have no word, hold box strings or copy the
+prompt, and flags the table when most of its outputs are such.
+
 Grounding: boxes in the card's 0-100 convention, parsed by ``cxrlib.data.boxes``; an answer
 without a well-formed box scores IoU 0. VQA: exact match after lowercasing and stripping the
 final period, overall and by question type. Introduced in notebook 06.
@@ -36,8 +41,9 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from cxrlib.constants import CHEXPERT_LABELS, FIVE_LABELS, POSITIVE, UNCERTAIN
+from cxrlib.constants import CHEXPERT_LABELS, FIVE_LABELS, POSITIVE, SYSTEM_TEXT, UNCERTAIN
 from cxrlib.data.boxes import box_iou, parse_boxes
+from cxrlib.data.conversations import report_user_turns
 
 CLINICAL_KEYS = ("mF1-14", "uF1-14", "mF1-5", "uF1-5")
 LANGUAGE_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -300,6 +306,91 @@ def language_metrics(
     out["meteor_backend"] = backend
     out["n"] = len(references)
     return out
+
+
+# --- degenerate outputs -------------------------------------------------------------------------
+
+DEGENERATE_KINDS = ("empty", "boxes", "no_words", "prompt_copy")  # checked in this order
+MOSTLY_DEGENERATE = 0.5  # a table is flagged when more than this share of outputs is degenerate
+PROMPT_COPY_WORDS = 6  # this many consecutive words of a prompt make an output a copy
+_BOX_STRING_RE = re.compile(r"\[\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\]")
+_REAL_WORD_RE = re.compile(r"[a-z]{3,}")  # "il." or "." has none; every report has some
+_LETTERS_RE = re.compile(r"[a-z]+")
+
+
+@lru_cache(maxsize=1)
+def _prompt_texts() -> tuple[tuple[str, ...], ...]:
+    """The word sequences of every report prompt (all modes, CoT and direct) and the system text."""
+    texts = [SYSTEM_TEXT]
+    for mode, n in (("single", 1), ("multi_image", 2), ("multi_study", 1)):
+        for cot in (True, False):
+            texts += report_user_turns(mode, n, "prior", 1 if mode == "multi_study" else 0, cot=cot)
+    return tuple(tuple(_LETTERS_RE.findall(t.lower())) for t in texts)
+
+
+@lru_cache(maxsize=1)
+def _prompt_ngrams() -> frozenset:
+    n = PROMPT_COPY_WORDS
+    return frozenset(p[i : i + n] for p in _prompt_texts() for i in range(len(p) - n + 1))
+
+
+def _copies_prompt(words: list[str]) -> bool:
+    n = PROMPT_COPY_WORDS
+    if len(words) >= n:
+        grams = _prompt_ngrams()
+        return any(tuple(words[i : i + n]) in grams for i in range(len(words) - n + 1))
+    if len(words) < 3:  # "pleural effusion." is a report, even though the prompt lists it
+        return False
+    return any(
+        tuple(words) == p[i : i + len(words)]
+        for p in _prompt_texts()
+        for i in range(len(p) - len(words) + 1)
+    )
+
+
+def degenerate_kind(text: str | None) -> str | None:
+    """Why an output is not a report (``DEGENERATE_KINDS``), or None when it may be one.
+
+    ``empty``: None or blank; ``boxes``: holds a box string such as ``[12, 30, 55, 80]`` (a
+    grounding answer); ``no_words``: no word of three letters or more (``"."``, ``"il."``);
+    ``prompt_copy``: repeats ``PROMPT_COPY_WORDS`` consecutive words of a report prompt or the
+    system text (or is, whole, a 3-5 word piece of one).
+    """
+    if text is None or not str(text).strip():
+        return "empty"
+    lower = str(text).lower()
+    if _BOX_STRING_RE.search(lower):
+        return "boxes"
+    if not _REAL_WORD_RE.search(lower):
+        return "no_words"
+    if _copies_prompt(_LETTERS_RE.findall(lower)):
+        return "prompt_copy"
+    return None
+
+
+def degenerate_outputs(texts: Sequence[str | None]) -> dict:
+    """Count the outputs that are not reports, by kind, and flag a mostly degenerate set.
+
+    Returns:
+        ``{"n", "degenerate", "fraction", "mostly_degenerate", "counts": {kind: n},
+        "examples": {kind: the first such output}}``.
+    """
+    kinds = [degenerate_kind(t) for t in texts]
+    counts = {k: kinds.count(k) for k in DEGENERATE_KINDS}
+    bad = sum(counts.values())
+    fraction = bad / len(texts) if len(texts) else 0.0
+    return {
+        "n": len(texts),
+        "degenerate": bad,
+        "fraction": fraction,
+        "mostly_degenerate": fraction > MOSTLY_DEGENERATE,
+        "counts": counts,
+        "examples": {
+            k: next(t for t, kk in zip(texts, kinds) if kk == k)
+            for k in DEGENERATE_KINDS
+            if counts[k]
+        },  # fmt: skip
+    }
 
 
 # --- grounding ----------------------------------------------------------------------------------

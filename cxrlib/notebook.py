@@ -32,16 +32,16 @@ def setup(
     """Resolve the preset, seed everything, create the output folders.
 
     Args:
-        preset: ``smoke``, ``tiny`` or ``paper``.
+        preset: ``smoke``, ``tiny``, ``paper`` or the path of a YAML file inheriting one.
         seed: global seed (overrides the preset's).
         device: ``auto`` (cuda if present, else cpu), ``cpu`` or ``cuda[:N]``.
-        out_dir: artifact folder; empty = ``build/<preset>``.
+        out_dir: artifact folder; empty = ``build/<name>`` (the preset's ``name``).
         figure_dir: figure folder; empty = the repository's ``figures/``.
     """
     cfg = load_preset(preset)
     cfg["seed"] = seed
     seed_everything(seed)
-    out = Path(out_dir) if out_dir else output_dir(preset)
+    out = Path(out_dir) if out_dir else output_dir(cfg["name"])
     out.mkdir(parents=True, exist_ok=True)
     figures = Path(figure_dir) if figure_dir else FIGURE_DIR
     figures.mkdir(parents=True, exist_ok=True)

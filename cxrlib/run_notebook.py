@@ -43,10 +43,15 @@ def run(
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    from cxrlib.config import PRESETS
+    from cxrlib.config import PRESETS, is_preset_file
 
-    if preset not in PRESETS:
-        sys.exit(f"error: unknown PRESET '{preset}': use one of {', '.join(PRESETS)}")
+    if preset not in PRESETS and not (is_preset_file(preset) and Path(preset).is_file()):
+        sys.exit(
+            f"error: unknown PRESET '{preset}': use one of {', '.join(PRESETS)} "
+            "or the path of a YAML file that inherits one"
+        )
+    if preset not in PRESETS:  # the kernel runs in notebooks/: pass the file's absolute path
+        preset = str(Path(preset).resolve())
     check_kernel()
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

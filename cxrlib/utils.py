@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,16 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+STAGE_SUMMARY_FILE = "summary.json"  # what cxrlib.train writes into every stage folder
+STAGE_NOTEBOOKS = {"phase1": "03-projector-pretraining", "phase2": "04-instruction-tuning-lora"}
+
+
 class MissingArtifactError(FileNotFoundError):
     """A stage's input does not exist yet; the message names the notebook that makes it."""
+
+
+class IncompleteArtifactError(RuntimeError):
+    """A stage folder holds a run that stopped before its planned steps (``--max-steps``)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +70,46 @@ def require_artifact(path: str | Path, made_by: str) -> Path:
             f"`make build/<preset>/notebooks/{made_by}.ipynb PRESET=<preset>`)."
         )
     return path
+
+
+def check_stage_complete(directory: str | Path, allow_incomplete: bool = False) -> dict | None:
+    """Refuse a stage folder whose training stopped before the planned steps.
+
+    ``cxrlib.train`` writes ``summary.json`` with ``steps`` (done), ``total_steps`` (planned) and
+    ``completed``; a run stopped with ``--max-steps`` still saves its weights, which would
+    otherwise be used as if trained. Folders without a summary (hand-saved checkpoints) pass.
+    ``cxrlib.model.load_trained`` calls it, so notebooks 05-07 and ``LocalBackend`` refuse an
+    early-stopped phase 2.
+
+    Returns:
+        The summary, or None when the folder has none.
+
+    Raises:
+        IncompleteArtifactError: ``completed`` is false (a warning instead with
+            ``allow_incomplete=True``).
+    """
+    path = Path(directory) / STAGE_SUMMARY_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("completed", True):
+        return summary
+    stage = summary.get("stage", Path(directory).name)
+    config = Path(directory) / "config.json"
+    preset = json.loads(config.read_text()).get("name") if config.is_file() else None
+    notebook = STAGE_NOTEBOOKS.get(stage)
+    rerun = f"re-run notebook {notebook}, or " if notebook else ""
+    message = (
+        f"{directory} holds an unfinished {stage} run: {summary.get('steps')} of "
+        f"{summary.get('total_steps')} planned steps (stopped early with --max-steps or "
+        f"interrupted). Finish it ({rerun}`python -m cxrlib.train --stage {stage} --preset "
+        f"{preset or '<preset>'}`; it resumes from the last checkpoint), or pass allow_incomplete=True to use "
+        "the partly trained weights anyway."
+    )
+    if not allow_incomplete:
+        raise IncompleteArtifactError(message)
+    warnings.warn(message, stacklevel=2)
+    return summary
 
 
 def save_metrics(metrics: dict[str, Any], path: str | Path) -> Path:

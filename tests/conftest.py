@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cxrlib.constants import CHEXPERT_LABELS
+from cxrlib.data.phantom import render
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +19,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def random_image(seed: int = 0, hw: tuple[int, int] = (72, 64)) -> np.ndarray:
-    """A grey uint8 noise image (for prompt and shape checks, not for image-content checks)."""
-    return np.random.default_rng(seed).integers(0, 256, hw, dtype=np.uint8)
+def phantom_image(seed: int = 0, hw: tuple[int, int] = (72, 64)) -> np.ndarray:
+    """A PhantomCXR render without findings: inference refuses pure noise as not a radiograph."""
+    return render([], "PA", hw, patient_seed=seed, acquisition_seed=seed).image
 
 
 def example_study(with_prior: bool = True) -> dict:

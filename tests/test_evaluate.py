@@ -258,3 +258,31 @@ def test_image_features_of_a_toy_model():
     assert np.allclose(again[0], feats[1], atol=1e-5)
     _, index = evaluate.nearest_neighbour_reports(feats, ["a", "b", "c"], again)
     assert index.tolist() == [1]
+
+
+def test_junk_outputs_are_counted_and_flagged_next_to_the_clinical_table():
+    """Issue 11, item 6: empty or non-report outputs read as 'No Finding' and score on a normal
+    test set; the table now says how many there are and flags the setting."""
+    junk = ["", ".", "[10, 20, 30, 40]", "Provide a description of the findings in the radiology image."]  # fmt: skip
+    records = [record(str(i), NORMAL, t) for i, t in enumerate(junk)] + [
+        record("x", NORMAL, NORMAL)
+    ]
+    with pytest.warns(UserWarning, match="4 of 5 outputs are not reports"):
+        got = evaluate.report_metrics(
+            records, RuleBasedLabeler(), bootstrap_samples=0, language=False
+        )
+    assert got["clinical"]["per_label"]["No Finding"] == 1.0  # CheXpert's rule is kept
+    d = got["degenerate"]
+    assert d["counts"] == {"empty": 1, "boxes": 1, "no_words": 1, "prompt_copy": 1}
+    assert d["degenerate"] == 4 and d["mostly_degenerate"]
+    row = evaluate.summary_row("direct", got)
+    assert row["degenerate %"] == 80.0 and row["flag"] == "MOSTLY DEGENERATE"
+    good = evaluate.report_metrics([record("x", NORMAL, NORMAL)], RuleBasedLabeler(), bootstrap_samples=0, language=False)  # fmt: skip
+    results = {"direct": got, "cot": good}
+    table = evaluate.degenerate_table(results)
+    assert table.loc["direct", "empty"] == 1 and table.loc["cot", "degenerate %"] == 0.0
+    assert table.loc["cot", "flag"] == ""
+    note = evaluate.degenerate_note(results)
+    assert "direct (4 of 5" in note and "cot" not in note.split("quality:")[1]
+    assert evaluate.degenerate_note({"cot": good}) == ""
+    assert "MOSTLY DEGENERATE" in evaluate.markdown_table(table)

@@ -2,11 +2,15 @@
 
 import numpy as np
 import pytest
-from conftest import example_study, random_image
+from conftest import example_study, phantom_image
 
 from cxrlib.answers import parse_findings, parse_grounding, parse_multi_finding, parse_yes_no
 from cxrlib.constants import COT_FINDINGS, IMAGE_TOKEN
-from cxrlib.data.conversations import build_conversation, report_user_turns
+from cxrlib.data.conversations import (
+    build_conversation,
+    finding_grounding_question,
+    report_user_turns,
+)
 from cxrlib.inference import (
     Backend,
     Chat,
@@ -31,10 +35,10 @@ def toy():
 
 @pytest.fixture(scope="module")
 def images():
-    return np.random.default_rng(0).integers(0, 256, (4, 144, 128), dtype=np.uint8)
+    return np.stack([img(seed, (144, 128)) for seed in range(4)])
 
 
-img = random_image
+img = phantom_image  # inference refuses pure noise (tests/test_images.py)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -74,8 +78,20 @@ def test_report_requests_per_mode(images):
 
 # ---------------------------------------------------------------------------- local backend
 def test_local_backend_is_a_backend(toy):
+    """The Backend contract, checked on its results: one answer per turn of every chat, greedy
+    (the same answers again, whatever the batch), max_new_tokens a budget that cuts the text."""
     model, _, cfg = toy
-    assert isinstance(LocalBackend(model, cfg), Backend)
+    backend = LocalBackend(model, cfg, batch_size=2)
+    assert isinstance(backend, Backend) and not isinstance(object(), Backend)
+    chats = [report_chat([img(0)], cot=True), report_chat([img(1), img(2)], cot=False)]
+    chats.append(Chat([finding_grounding_question("edema")], [img(3)]))
+    answers = backend.answer(chats, 5)
+    assert [len(a) for a in answers] == [2, 1, 1]  # chats of 2 and 1 turns, order kept
+    assert all(isinstance(text, str) for turns in answers for text in turns)
+    assert LocalBackend(model, cfg, batch_size=1).answer(chats[::-1], 5) == answers[::-1]
+    longer = [a[0] for a in backend.answer(chats, 12)]
+    assert all(long.startswith(short[0].strip()) for long, short in zip(longer, answers))
+    assert longer != [a[0] for a in answers]  # the budget was what stopped the short answers
 
 
 def test_cache_reuse_equals_reencoding_and_batching_is_transparent(toy, images):
@@ -92,26 +108,55 @@ def test_cache_reuse_equals_reencoding_and_batching_is_transparent(toy, images):
     ]
 
 
+class ScriptedBackend:
+    """Answers derived from each chat, so a record can be traced back to its request."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.seen = []
+
+    def answer(self, chats, max_new_tokens=None):
+        self.seen += chats
+        out = []
+        for c in chats:
+            first = f"{COT_FINDINGS[len(c.images) % 13]}, {COT_FINDINGS[-1]}."
+            last = f"report of images {c.meta['image_indices']}, {len(c.images)} in the chat."
+            out.append([first, last] if len(c.turns) == 2 else [last])
+        return out
+
+
 def test_generate_reports_records(toy, images):
-    model, _, cfg = toy
-    backend = LocalBackend(model, cfg, batch_size=2)
-    for mode in ("single", "multi_image", "multi_study"):
-        recs = generate_reports(
-            backend, [example_study()], images, mode=mode, progress=False, max_new_tokens=4
-        )
-        for r in recs:
-            assert r["mode"] == mode and r["cot"] and isinstance(r["report"], str)
-            assert r["findings"] is None or set(r["findings"]) <= set(COT_FINDINGS)
+    study = example_study()  # PA (index 0) + lateral (index 1), prior study at 2, 3
+    backend = ScriptedBackend()
+    single = generate_reports(backend, [study], images, mode="single", progress=False)
+    assert [r["image_indices"] for r in single] == [[0], [1]]
+    assert [r["views"] for r in single] == [["PA"], ["LATERAL"]]
+    for r in single:
+        assert r["study_id"] == study["study_id"] and r["reference"] == study["findings_text"]
+        assert r["mode"] == "single" and r["cot"] and not r["fallback"]
+        assert r["findings_text"] == f"{COT_FINDINGS[1]}, {COT_FINDINGS[-1]}."
+        assert r["findings"] == [COT_FINDINGS[1], COT_FINDINGS[-1]]
+        assert r["report"] == f"report of images {r['image_indices']}, 1 in the chat."
+    multi = generate_reports(backend, [study], images, mode="multi_image", progress=False)
+    assert len(multi) == 1 and multi[0]["image_indices"] == [0, 1]
+    assert multi[0]["report"] == "report of images [0, 1], 2 in the chat."
+    ms = generate_reports(backend, [study], images, mode="multi_study", progress=False)
+    assert ms[0]["prior_image_indices"] == [2, 3] and not ms[0]["fallback"]
+    assert ms[0]["report"] == "report of images [0, 1], 4 in the chat."  # prior images too
+    assert (backend.seen[-1].images[0] == images[2]).all()  # prior first, as the card's order
     direct = generate_reports(
-        backend,
-        [example_study()],
-        images,
-        cot=False,
-        frontal_only=True,
-        progress=False,
-        max_new_tokens=4,
+        backend, [study], images, cot=False, frontal_only=True, progress=False
     )
-    assert len(direct) == 1 and direct[0]["views"] == ["PA"] and direct[0]["findings"] is None
+    assert len(direct) == 1 and direct[0]["views"] == ["PA"]
+    assert direct[0]["findings"] is None and direct[0]["findings_text"] is None
+    assert direct[0]["report"] == "report of images [0], 1 in the chat."
+    # The local backend's records carry exactly what it answers to the same chats.
+    model, _, cfg = toy
+    local = LocalBackend(model, cfg, batch_size=2)
+    recs = generate_reports(local, [study], images, mode="single", progress=False, max_new_tokens=4)
+    direct_answers = local.answer(report_requests(study, images, "single"), 4)
+    assert [[r["findings_text"], r["report"]] for r in recs] == direct_answers
 
 
 def test_run_conversations_keeps_references(toy, images):
@@ -210,3 +255,33 @@ def test_local_backend_from_a_checkpoint(toy, tmp_path):
     chat = report_chat([img()], cot=False)
     backend = LocalBackend.from_checkpoint(tmp_path / "phase1", device="cpu")
     assert backend.answer([chat], 3) == LocalBackend(trained, cfg).answer([chat], 3)
+
+
+def test_an_early_stopped_stage_is_refused(toy, tmp_path):
+    """Issue 11, item 7: a phase 2 stopped with --max-steps is not used as if it were trained."""
+    import json
+
+    from cxrlib.model import build_model, load_trained, save_trained, set_trainable
+    from cxrlib.utils import IncompleteArtifactError
+
+    model, tok, cfg = toy
+    model.encoder.save_pretrained(tmp_path / "backbones" / "encoder")
+    model.llm.save_pretrained(tmp_path / "backbones" / "llm")
+    trained = build_model(cfg, tok, backbones_dir=tmp_path / "backbones")
+    set_trainable(trained, ["projector"])
+    stage = tmp_path / "phase2"
+    save_trained(trained, stage, cfg, backbones_dir=tmp_path / "backbones")
+    summary = {"stage": "phase2", "steps": 2, "total_steps": 600, "completed": False}
+    (stage / "summary.json").write_text(json.dumps(summary))
+    for load in (load_trained, LocalBackend.from_checkpoint):
+        with pytest.raises(IncompleteArtifactError) as err:
+            load(stage, device="cpu")
+        message = str(err.value)
+        assert "2 of 600 planned steps" in message
+        assert "python -m cxrlib.train --stage phase2 --preset smoke" in message
+        assert "04-instruction-tuning-lora" in message and "allow_incomplete=True" in message
+    with pytest.warns(UserWarning, match="unfinished phase2 run"):
+        backend = LocalBackend.from_checkpoint(stage, device="cpu", allow_incomplete=True)
+    assert backend.model.trainable_parts == ["projector"]
+    (stage / "summary.json").write_text(json.dumps(dict(summary, steps=600, completed=True)))
+    load_trained(stage)  # a finished run loads silently

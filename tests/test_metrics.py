@@ -253,3 +253,39 @@ def test_vqa_exact_match_by_type():
     assert metrics.normalize_answer("  Left  Lower zone. ") == "left lower zone"
     with pytest.raises(ValueError, match="predictions but"):
         metrics.vqa_accuracy(["a"], [])
+
+
+# --- degenerate outputs (issue 11, item 6) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, kind",
+    [
+        (None, "empty"),
+        ("   \n", "empty"),
+        ("[12, 30, 55, 80]", "boxes"),
+        ("Yes. [1,2,3,4], [5,6,7,8].", "boxes"),
+        (".", "no_words"),
+        ("il.", "no_words"),
+        ("Provide a description of the findings in the radiology image.", "prompt_copy"),
+        ("Which of the following findings are present in the radiology image?", "prompt_copy"),
+        ("lung opacity, lung lesion, edema", "prompt_copy"),  # the prompt's list, not a report
+        ("The following is a conversation between a curious human and an AI", "prompt_copy"),
+        ("The heart is normal in size. The lungs are clear.", None),
+        ("Pleural effusion.", None),
+        ("No acute cardiopulmonary abnormality.", None),
+    ],
+)
+def test_degenerate_kind(text, kind):
+    assert metrics.degenerate_kind(text) == kind
+
+
+def test_degenerate_outputs_count_and_flag():
+    texts = ["", "il.", "[1, 2, 3, 4]", "The lungs are clear.", None]
+    got = metrics.degenerate_outputs(texts)
+    assert got["counts"] == {"empty": 2, "boxes": 1, "no_words": 1, "prompt_copy": 0}
+    assert (got["n"], got["degenerate"], got["fraction"]) == (5, 4, 0.8)
+    assert got["mostly_degenerate"] and got["examples"]["boxes"] == "[1, 2, 3, 4]"
+    half = metrics.degenerate_outputs(["", "The lungs are clear."])
+    assert not half["mostly_degenerate"]  # flagged above half only
+    assert metrics.degenerate_outputs([])["fraction"] == 0.0

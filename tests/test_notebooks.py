@@ -13,6 +13,9 @@ import nbformat
 import pytest
 
 from cxrlib import run_notebook
+from cxrlib.config import load_preset
+from cxrlib.constants import CHEXPERT_LABELS
+from cxrlib.data.mixture import GROUP_SHARES
 from cxrlib.utils import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
@@ -89,9 +92,28 @@ def _metrics(root: Path, name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _data_prep_ok(m: dict) -> bool:
+    """Notebook 01 built what the smoke preset asks for, and its counts agree with each other."""
+    data = load_preset("smoke")["data"]
+    sources = {"iu": data["max_studies"], "longitudinal": data["longitudinal_patients"]}
+    shares = m["mixture_paper_group_shares"]
+    return (
+        m["studies_per_source"] == sources
+        and m["num_studies"] == sum(sources.values()) == sum(m["split_sizes"].values())
+        and m["num_images"] >= m["num_studies"]
+        and 0 < m["task_sizes_train"]["cot_single"] <= m["split_sizes"]["train"]
+        and set(m["label_prevalence"]) == set(CHEXPERT_LABELS)
+        and all(0 <= p <= 1 for p in m["label_prevalence"].values())
+        and all(abs(shares[g] - GROUP_SHARES[g] / 100) < 0.01 for g in GROUP_SHARES)
+        and 0 <= m["truncated_fraction"] <= 1
+        and m["token_length_median"] <= m["token_length_max"]
+    )
+
+
 # What each notebook must have measured; a notebook without an entry must still store metrics.
 CHECKS = {
     "00-overview": lambda m: m["tokens_per_image"] == 4 and m["patches_per_image"] == 16,
+    "01-data-prep": _data_prep_ok,
     "02-backbones": lambda m: {"tokenizer", "lm_pretrain", "encoder_pretrain"} <= set(m),
     "03-projector-pretraining": lambda m: m["steps"] == 4 and m["trainable_parameters"] > 0,
     "04-instruction-tuning-lora": lambda m: (
@@ -99,7 +121,9 @@ CHECKS = {
     ),
     "05-cot-inference": lambda m: m["test_studies"] > 0 and len(m["reports"]) == 4,
     "06-evaluation": lambda m: (
-        bool(m["labeler"]) and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
+        bool(m["labeler"])
+        and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
+        and all(r["degenerate"]["n"] == r["n"] for r in m["reports"].values())
     ),
     "07-explorer": lambda m: m["studies"] > 0 and 0 <= m["exact_label_agreement"] <= 1,
 }

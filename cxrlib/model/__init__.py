@@ -31,12 +31,23 @@ from cxrlib.model.m4cxr import (
     SequenceTooLongError,
     positions_from_mask,
 )
-from cxrlib.model.processor import ImageError, ImageProcessor, check_image
+from cxrlib.model.processor import (
+    DegenerateImageError,
+    ImageContentWarning,
+    ImageError,
+    ImageProcessor,
+    check_image,
+    check_image_content,
+    load_image,
+    to_uint8,
+)
 from cxrlib.model.projector import CAbstractor
 
 __all__ = [
     "PARTS",
     "CAbstractor",
+    "DegenerateImageError",
+    "ImageContentWarning",
     "GenerationResult",
     "ImageError",
     "ImageProcessor",
@@ -48,14 +59,17 @@ __all__ = [
     "build_llm",
     "build_model",
     "check_image",
+    "check_image_content",
     "count_parameters",
     "encoder_config",
     "has_lora",
     "llm_config",
+    "load_image",
     "load_trained",
     "load_trained_weights",
     "positions_from_mask",
     "save_trained",
     "set_trainable",
+    "to_uint8",
     "upcast_trainable",
 ]

@@ -25,13 +25,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, MistralConfig, MistralForCausalLM
 
-from cxrlib.constants import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, NOTEBOOKS
+from cxrlib.constants import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, NOTEBOOKS, TRAINABLE_PARTS
 from cxrlib.model.m4cxr import M4CXR
 from cxrlib.model.projector import CAbstractor
 from cxrlib.tokenizer import MissingWeightsError, missing_weights_message
 from cxrlib.utils import default_dtype, require_artifact
 
-PARTS = ("projector", "lora", "encoder", "llm")  # what set_trainable understands
+PARTS = TRAINABLE_PARTS  # what set_trainable understands
 BACKBONE_NOTEBOOK = NOTEBOOKS["backbones"]
 ATTN = "sdpa"  # PyTorch scaled-dot-product attention, in both encoder and LLM
 

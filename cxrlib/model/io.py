@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from cxrlib.config import load_config, save_config
 from cxrlib.model.build import PARTS, add_lora, build_model, has_lora, parameters_of
 from cxrlib.model.m4cxr import M4CXR
-from cxrlib.utils import MissingArtifactError
+from cxrlib.utils import MissingArtifactError, check_stage_complete
 
 WEIGHTS_FILE = "trained.safetensors"
 MANIFEST_FILE = "trained.json"
@@ -129,6 +129,7 @@ def load_trained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     backbones_dir: str | Path | None = None,
+    allow_incomplete: bool = False,
 ) -> M4CXR:
     """Rebuild a saved model for inference (frozen, eval mode, tokenizer in ``model.tokenizer``).
 
@@ -137,8 +138,11 @@ def load_trained(
         device: where to put the model.
         dtype: default bf16 on GPU, fp32 on CPU.
         backbones_dir: override the stored location of notebook 02's base weights.
+        allow_incomplete: load a stage whose training stopped early (``--max-steps``) with a
+            warning instead of ``IncompleteArtifactError``.
     """
     directory = Path(directory)
+    check_stage_complete(directory, allow_incomplete=allow_incomplete)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.exists():
         raise MissingArtifactError(
