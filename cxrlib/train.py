@@ -80,7 +80,11 @@ def parse_overrides(items: Sequence[str]) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Train one stage of a cxrlib preset.")
     parser.add_argument("--stage", required=True, choices=[*STAGES, "all"])
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"{', '.join(PRESETS)}, or a YAML file that inherits one (e.g. a copy of tiny.yaml)",
+    )
     parser.add_argument("--output-dir", default="", help="default: build/<preset>")
     parser.add_argument(
         "--set",
@@ -104,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.seed is not None:
         cfg["seed"] = args.seed
     seed_everything(cfg["seed"])  # what cxrlib.notebook.setup does, so CLI == notebook
-    out = Path(args.output_dir) if args.output_dir else output_dir(args.preset)
+    out = Path(args.output_dir) if args.output_dir else output_dir(cfg["name"])
     summary = {}
     for stage in STAGES if args.stage == "all" else [args.stage]:
         summary = run_stage(stage, cfg, out, not args.no_resume, args.max_steps, args.device)
