@@ -11,10 +11,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import example_study
 
 from cxrlib.config import load_preset
 from cxrlib.constants import IGNORE_INDEX, IMAGE_TOKEN, SYSTEM_TEXT
-from cxrlib.data.conversations import build_conversation, example_study
+from cxrlib.data.conversations import build_conversation
 from cxrlib.data.iuxray import load_iu_reports
 from cxrlib.data.tokenize import collate, encode_conversation, encode_prompt, user_text
 from cxrlib.model.build import TokenIds
