@@ -56,3 +56,23 @@ def test_peak_table_matches_gpu_names():
     for name, tflops in lookup.items():
         assert bench.bf16_peak(name) == tflops, name
     assert bench.bf16_peak("NVIDIA Quadro K1200") is None
+
+
+def test_cpu_attention_is_counted():
+    """PyTorch's CPU attention kernel is missing from the flop counter's table (it counts 0);
+    the benchmark's mapping counts it with the formulas the counter uses for the CUDA kernels."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    bench = load_bench()
+    shape = (1, 2, 16, 8)
+    counted = {}
+    for name, mapping in (("plain", {}), ("bench", bench.CPU_ATTENTION_FLOPS)):
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        counter = bench.FlopCounterMode(display=False, custom_mapping=mapping)
+        with counter:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+        counted[name] = counter.get_total_flops()
+    expected = sdpa_flop_count(shape, shape, shape) + sdpa_backward_flop_count(
+        shape, shape, shape, shape
+    )
+    assert counted == {"plain": 0, "bench": expected} and expected > 0
