@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
@@ -76,3 +77,19 @@ def test_cpu_attention_is_counted():
         shape, shape, shape, shape
     )
     assert counted == {"plain": 0, "bench": expected} and expected > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_gpu_on_cuda_prints_mfu_and_memory(capsys):
+    """The bf16 path (weights built on the GPU, autocast, peak memory, MFU when the GPU is in the
+    table), with the small architecture so that it takes seconds."""
+    bench = load_bench()
+    bench.main(["--preset", "smoke", "--device", "cuda", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "weights bfloat16" in out
+    rows = [line for line in out.splitlines() if line.startswith(("phase1 ", "phase2 "))]
+    assert len(rows) == 2 * (len(bench.PHASE1_SHAPES) + len(bench.PHASE2_SHAPES))
+    assert all(float(r.split()[-1]) > 0 for r in rows)  # peak GPU memory, GiB
+    peak = bench.bf16_peak(torch.cuda.get_device_name())
+    assert all(("%" in r) == (peak is not None) for r in rows)
