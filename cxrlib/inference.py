@@ -21,6 +21,7 @@ inference cannot drift apart. The answers are read by ``cxrlib.answers`` (``pars
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 from cxrlib.answers import parse_findings
 from cxrlib.config import load_config
@@ -211,17 +214,23 @@ class LocalBackend:
 class OfficialBackend:
     """The released M4CXR (``Deepnoid/M4CXR-TNNLS``) from the local Hugging Face cache.
 
-    Loads the model, its image processor and tokenizer with ``trust_remote_code=True`` and
-    ``local_files_only=True`` and follows the call sequence of the official demo: Mistral chat
-    template with the system text before the first user turn, one ``generate`` per turn with the
-    whole history (the remote code offers no cache reuse). The checkpoint is not available on
-    the machines this project is developed on, so this class is untested here; its contract is
-    the same ``answer`` as ``LocalBackend``.
+    Loads it the way the release documents inference: ``AutoProcessor`` and
+    ``AutoModelForCausalLM`` with ``trust_remote_code=True`` (the checkpoint ships its own model
+    and processor code), its ``GenerationConfig`` switched to greedy decoding, prompts rendered by
+    the processor's chat template, and images handed to the processor as RGB PIL images (its own
+    resizing and normalisation). Always ``local_files_only=True``: nothing is ever downloaded.
+
+    The card prepends the system text to the first user turn; this class adds it unless the
+    processor's chat template already does. Every turn is generated from the whole history
+    (earlier answers included), one chat at a time: the remote code offers no KV-cache reuse
+    across turns. ``tests/test_official_backend.py`` runs the class against a small fake
+    remote-code checkpoint with the same loading surface; the real checkpoint has not been run
+    by this project (it is not on its machines).
 
     Args:
-        hf_id: the hub id (default ``Deepnoid/M4CXR-TNNLS``).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        max_length: the official maximum sequence length.
+        hf_id: the hub id or a local directory (default ``Deepnoid/M4CXR-TNNLS``).
+        device: ``auto`` (cuda if present), ``cpu`` or ``cuda``.
+        dtype: weights' dtype; default bf16 on GPU (as the release documents), fp32 on CPU.
 
     Raises:
         MissingWeightsError: the checkpoint is not in the local cache (message says how to get it).
@@ -229,58 +238,77 @@ class OfficialBackend:
 
     name = "official"
 
-    def __init__(self, hf_id: str = OFFICIAL_ID, device: str = "auto", max_length: int = 4095):
-        from transformers import AutoModel, AutoProcessor, AutoTokenizer
-
+    def __init__(
+        self, hf_id: str = OFFICIAL_ID, device: str = "auto", dtype: torch.dtype | None = None
+    ):
         self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
         kw = {"trust_remote_code": True, "local_files_only": True}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(hf_id, **kw)
             self.processor = AutoProcessor.from_pretrained(hf_id, **kw)
-            self.model = AutoModel.from_pretrained(hf_id, dtype=default_dtype(self.device), **kw)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                hf_id, dtype=self.dtype, device_map=str(self.device), **kw
+            )
         except OSError as err:
             raise MissingWeightsError(missing_weights_message(hf_id)) from err
-        self.model.to(self.device).eval()
-        self.system_text = SYSTEM_TEXT
-        self.max_length = max_length
+        self.model.eval()
+        self.generation_config = _greedy_generation_config(hf_id, self.model)
+        probe = self.processor.apply_chat_template(
+            [{"role": "user", "content": "?"}], tokenize=False
+        )
+        self.template_adds_system_text = SYSTEM_TEXT in probe
 
     @torch.no_grad()
     def answer(self, chats: Sequence[Chat], max_new_tokens: int = 500) -> list[list[str]]:
-        from PIL import Image
-
-        image_processor = getattr(self.processor, "image_processor", self.processor)
+        """Answer every turn of every chat, greedy, at most ``max_new_tokens`` per answer."""
         out = []
         for chat in chats:
-            pixel_values = None
-            if chat.images:
-                pil = [Image.fromarray(im).convert("RGB") for im in chat.images]
-                pixel_values = torch.as_tensor(
-                    np.array(image_processor(pil)["pixel_values"]), dtype=self.model.dtype
-                ).to(self.device)
+            images = [Image.fromarray(im).convert("RGB") for im in chat.images]
             messages, answers = [], []
             for k, user in enumerate(chat.turns):
-                content = f"{self.system_text} {user}" if k == 0 else user
-                messages.append({"role": "user", "content": content})
-                text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
+                first = k == 0 and not self.template_adds_system_text
+                messages.append(
+                    {"role": "user", "content": f"{SYSTEM_TEXT} {user}" if first else user}
                 )
-                if hasattr(self.tokenizer, "encode_prompt"):  # the release's image-aware encoder
-                    ids = self.tokenizer.encode_prompt(text, max_length=self.max_length)[
-                        "input_ids"
-                    ]
-                else:
-                    ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
-                output = self.model.generate(
-                    pixel_values=pixel_values,
-                    input_ids=torch.as_tensor(ids).reshape(1, -1).to(self.device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                )
-                reply = self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+                prompt = self.processor.apply_chat_template(messages, tokenize=False)
+                reply = self._generate(prompt, images, max_new_tokens)
                 messages.append({"role": "assistant", "content": reply})
                 answers.append(reply)
             out.append(answers)
         return out
+
+    def _generate(self, prompt: str, images: list, max_new_tokens: int) -> str:
+        """One prompt (with all the chat's images) through the processor and ``generate``."""
+        inputs = self.processor(
+            text=[prompt], images=[images] if images else None, return_tensors="pt"
+        )
+        inputs = {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+            if torch.is_tensor(v)
+            else v
+            for k, v in inputs.items()
+        }
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = max_new_tokens
+        output = self.model.generate(**inputs, generation_config=config)[0]
+        prompt_ids = inputs["input_ids"][0]
+        n = prompt_ids.shape[0]
+        # decoder-only generate returns prompt + new tokens; some remote models only the new ones
+        if output.shape[0] >= n and torch.equal(output[:n].to(prompt_ids.device), prompt_ids):
+            output = output[n:]
+        return self.processor.batch_decode(output[None], skip_special_tokens=True)[0].strip()
+
+
+def _greedy_generation_config(hf_id: str, model) -> GenerationConfig:
+    """The release's ``generation_config.json`` (or the model's own) with sampling turned off:
+    the paper's evaluation decodes greedily."""
+    try:
+        config = GenerationConfig.from_pretrained(hf_id, local_files_only=True)
+    except OSError:  # a checkpoint without generation_config.json
+        config = copy.deepcopy(model.generation_config)
+    # sampling-only settings would only make transformers warn once sampling is off
+    config.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    return config
 
 
 def run_chats(

@@ -8,11 +8,12 @@ notebook 02.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 from cxrlib.constants import (
     BOS_TOKEN,
@@ -81,6 +82,34 @@ def load_pretrained_tokenizer(hf_id: str) -> PreTrainedTokenizerFast:
         tok = AutoTokenizer.from_pretrained(hf_id, local_files_only=True)
     except OSError as err:
         raise MissingWeightsError(missing_weights_message(hf_id)) from err
+    return _add_image_and_pad(tok)
+
+
+def tokenizer_from_sentencepiece(model_file: str | Path) -> PreTrainedTokenizerFast:
+    """Mistral-7B's tokenizer from its SentencePiece ``.model`` file, with ``<image>`` added.
+
+    The file Mistral-7B-Instruct-v0.2 uses ships with the ``mistral-common`` wheel
+    (``mistral_common/data/tokenizer.model.v1``), so the ``paper`` text path can be used and
+    tested without the hub. transformers 5 converts a ``tokenizer.model`` found in a directory
+    into its fast (``tokenizers``) ``LlamaTokenizer``; that needs ``sentencepiece`` and
+    ``protobuf`` installed (the ``dev`` extra has them).
+    """
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"no SentencePiece model at {model_file}")
+    with tempfile.TemporaryDirectory() as tmp:  # from_pretrained looks for this exact name
+        (Path(tmp) / "tokenizer.model").symlink_to(model_file.resolve())
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False)
+    if len(tok) < 100:  # the conversion fell back to an empty vocabulary
+        raise ValueError(
+            f"{model_file} could not be read as a SentencePiece model (got {len(tok)} tokens); "
+            "install `sentencepiece` and `protobuf`"
+        )
+    return _add_image_and_pad(tok)
+
+
+def _add_image_and_pad(tok):
+    """Add ``<image>`` as a special token and pad with ``<unk>`` where there is no pad token."""
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     # Mistral has no pad token; <unk> is never a target, so it is safe to pad with.
     if tok.pad_token is None:

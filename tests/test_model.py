@@ -17,6 +17,7 @@ from cxrlib.model import (
     build_encoder,
     build_model,
     count_parameters,
+    enable_gradient_checkpointing,
     load_trained,
     load_trained_weights,
     save_trained,
@@ -279,6 +280,48 @@ def test_lora_targets_and_trainable_sets(toy):
     assert all("lora_" in n for n in names if n.startswith("llm."))
     assert not any(n.startswith("encoder.layernorm") for n in names)
     assert model.trainable_parts == ["projector", "lora", "encoder"]
+
+
+def test_gradient_checkpointing_keeps_gradients_and_recomputes(tok):
+    """Phase-2 gradients (LoRA + projector + encoder) with and without checkpointing agree, and
+    with it on, each encoder and LLM layer runs twice per step (forward, then recomputation)."""
+    model, _, cfg = toy_model("smoke", seed=0, tokenizer=tok, lora=True)
+    perturb([p for n, p in model.llm.named_parameters() if "lora_B" in n])  # B = 0 at start
+    set_trainable(model, cfg["train"]["phase2"]["trainable"])
+    model.train()
+    ids = torch.tensor([prompt(model, tok, 2, "report") + tok.encode("clear lungs")] * 2)
+    labels = ids.clone()
+    labels[:, :-4] = IGNORE_INDEX
+    pixel_values = torch.randn(4, 3, model.image_size, model.image_size)
+    calls = {"encoder": 0, "llm": 0}
+    # hooks on the attention INSIDE the first layer: transformers keeps a layer's own hooks
+    # outside the checkpoint, and PyTorch may stop a recomputation early once backward has the
+    # tensors it needs, but the attention (first in the layer) is always recomputed
+    model.encoder.encoder.layer[0].attention.register_forward_hook(
+        lambda *_: calls.update(encoder=calls["encoder"] + 1)
+    )
+    model.llm.base_model.model.model.layers[0].self_attn.register_forward_hook(
+        lambda *_: calls.update(llm=calls["llm"] + 1)
+    )
+
+    def grads():
+        calls.update(encoder=0, llm=0)
+        torch.manual_seed(1)  # same LoRA dropout masks in both runs
+        model.zero_grad(set_to_none=True)
+        model(ids, pixel_values=pixel_values, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    assert calls == {"encoder": 1, "llm": 1}
+    on = {"encoder": {"gradient_checkpointing": True}, "llm": {"gradient_checkpointing": True}}
+    assert enable_gradient_checkpointing(model, load_preset("smoke", on)) == ["encoder", "llm"]
+    checkpointed = grads()
+    assert calls == {"encoder": 2, "llm": 2}
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name
+        assert torch.allclose(g, checkpointed[name], rtol=1e-4, atol=1e-6), name
+    assert load_preset("tiny")["llm"]["gradient_checkpointing"] is False
 
 
 # ---------------------------------------------------------------------------- save / load

@@ -271,12 +271,34 @@ def build_model(
         max_length=cfg["llm"]["max_length"],
     )
     model.tokenizer = tokenizer
+    enable_gradient_checkpointing(model, cfg)
     if lora:
         add_lora(model, cfg)
     if not meta:
         model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval()
+
+
+def enable_gradient_checkpointing(model: M4CXR, cfg: dict) -> list[str]:
+    """Recompute activations in the backward pass (``encoder.gradient_checkpointing``,
+    ``llm.gradient_checkpointing``): less memory for long sequences, about one more forward of
+    compute; gradients are unchanged. Active only in ``train()`` mode (transformers' layers
+    check ``self.training``).
+
+    Returns:
+        The parts it was enabled for.
+    """
+    done = []
+    for part in ("encoder", "llm"):
+        # .get: configs saved before this option existed (old checkpoints) have no such key
+        if cfg[part].get("gradient_checkpointing", False):
+            module = model.encoder if part == "encoder" else model.llm
+            # non-reentrant checkpointing works when the layer inputs do not require grad (a
+            # frozen LLM under LoRA) and is what PyTorch recommends
+            module.activation_checkpointing_enable({"use_reentrant": False})
+            done.append(part)
+    return done
 
 
 def has_lora(model: M4CXR) -> bool:
