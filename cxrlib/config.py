@@ -140,6 +140,7 @@ class EncoderSection(_Section):
     mlp_ratio: PositiveInt
     image_mean: Annotated[list[StrictFloat], Field(min_length=3, max_length=3)]
     image_std: Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]
+    gradient_checkpointing: StrictBool = False
 
 
 class ProjectorSection(_Section):
@@ -159,6 +160,7 @@ class LLMSection(_Section):
     num_heads: PositiveInt
     num_kv_heads: PositiveInt
     max_length: PositiveInt
+    gradient_checkpointing: StrictBool = False
 
 
 class LoRASection(_Section):

@@ -142,9 +142,10 @@ def write_fake_checkpoint(directory, system_text=None):
 
 
 def striped_image() -> np.ndarray:
-    """64x64 rows of 0 and 200: mean 100/255 however the processor keeps the size."""
-    image = np.zeros((64, 64), dtype=np.uint8)
-    image[::2] = 200
+    """64x64 bands of 8 rows, grey 50 and 150: mean 100/255 however the processor keeps the size
+    (bands, not single rows: the image checks refuse what looks like noise)."""
+    image = np.full((64, 64), 50, dtype=np.uint8)
+    image[(np.arange(64) // 8) % 2 == 0] = 150
     return image
 
 
