@@ -5,14 +5,22 @@
 
 A failing cell (a missing stage artifact, missing weights, ...) ends with the notebook's own error
 message on one line and the path of the executed copy to inspect, not papermill's traceback.
+
+``--overrides "lora.r=16 train.phase2.steps=50"`` is passed to every notebook as its ``OVERRIDES``
+parameter (``make all OVERRIDES="..."``). The kernel talks to papermill over IPC sockets (no
+"running over TCP without encryption" warning per notebook) and progress bars are off
+(``TQDM_DISABLE``), so the saved notebooks hold final numbers, not bars frozen at 0%.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+from jupyter_client.manager import AsyncKernelManager
 
 KERNEL = "m4cxr"
 
@@ -30,6 +38,19 @@ def check_kernel(name: str = KERNEL) -> None:
         )
 
 
+class IpcKernelManager(AsyncKernelManager):
+    """A local kernel on IPC (Unix socket) transport instead of TCP.
+
+    ipykernel warns once per start that TCP without CurveZMQ keys is unencrypted; papermill's
+    kernel only ever talks to this process, so sockets in Jupyter's private runtime folder
+    (``0700``) are the transport that warning recommends.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.transport = "ipc"
+
+
 def run(
     source: Path,
     target: Path,
@@ -38,6 +59,7 @@ def run(
     figure_dir: str,
     seed: int = 0,
     device: str = "auto",
+    overrides: str = "",
 ) -> float:
     """Execute ``source`` into ``target`` with the given parameters; return seconds taken."""
     import papermill as pm
@@ -49,6 +71,9 @@ def run(
         sys.exit(f"error: unknown PRESET '{preset}': use one of {', '.join(PRESETS)}")
     check_kernel()
     target.parent.mkdir(parents=True, exist_ok=True)
+    # The kernel inherits the environment: no progress bars frozen in the saved outputs.
+    tqdm_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     start = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -60,8 +85,10 @@ def run(
                 "DEVICE": device,
                 "OUTPUT_DIR": output_dir,
                 "FIGURE_DIR": figure_dir,
+                "OVERRIDES": overrides,
             },
             kernel_name=KERNEL,
+            kernel_manager_class=IpcKernelManager,
             cwd=str(source.parent),
             progress_bar=False,
         )
@@ -74,6 +101,11 @@ def run(
             f"error: {source.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
             f"(executed copy: {failed})"
         )
+    finally:
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
     return time.perf_counter() - start
 
 
@@ -86,11 +118,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure-dir", default="")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--overrides", default="", help='preset changes, e.g. "lora.r=16 train.phase2.steps=50"'
+    )
     args = parser.parse_args(argv)
     output_dir = str(Path(args.output_dir).resolve()) if args.output_dir else ""
     figure_dir = str(Path(args.figure_dir).resolve()) if args.figure_dir else ""
     seconds = run(
-        args.source, args.target, args.preset, output_dir, figure_dir, args.seed, args.device
+        args.source,
+        args.target,
+        args.preset,
+        output_dir,
+        figure_dir,
+        args.seed,
+        args.device,
+        args.overrides,
     )
     print(f"{args.source.name}: {seconds:.0f} s ({args.preset})")
     record_timing(args.target.parent / "timings.json", args.source.stem, seconds)
