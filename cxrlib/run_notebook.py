@@ -9,7 +9,7 @@ message on one line and the path of the executed copy to inspect, not papermill'
 ``--overrides "lora.r=16 train.phase2.steps=50"`` is passed to every notebook as its ``OVERRIDES``
 parameter (``make all OVERRIDES="..."``). The kernel talks to papermill over IPC sockets (no
 "running over TCP without encryption" warning per notebook) and progress bars are off
-(``TQDM_DISABLE``), so the saved notebooks hold final numbers, not bars frozen at 0%.
+(``QUIET_ENV``), so the saved notebooks hold final numbers, not bars frozen at 0%.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from pathlib import Path
 from jupyter_client.manager import AsyncKernelManager
 
 KERNEL = "m4cxr"
+# Progress bars off in papermill runs: a saved notebook would show each bar as its first frame
+# (0%). tqdm reads TQDM_DISABLE for bars that do not set `disable` themselves; Hugging Face's
+# bars ("Loading weights") read HF_HUB_DISABLE_PROGRESS_BARS.
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def check_kernel(name: str = KERNEL) -> None:
@@ -72,8 +76,8 @@ def run(
     check_kernel()
     target.parent.mkdir(parents=True, exist_ok=True)
     # The kernel inherits the environment: no progress bars frozen in the saved outputs.
-    tqdm_before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
     start = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -102,10 +106,11 @@ def run(
             f"(executed copy: {failed})"
         )
     finally:
-        if tqdm_before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_before
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return time.perf_counter() - start
 
 
