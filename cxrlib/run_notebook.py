@@ -27,6 +27,25 @@ KERNEL = "m4cxr"
 # (0%). tqdm reads TQDM_DISABLE for bars that do not set `disable` themselves; Hugging Face's
 # bars ("Loading weights") read HF_HUB_DISABLE_PROGRESS_BARS.
 QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# tqdm's notebook bars ignore TQDM_DISABLE (they always pass `disable` on), so the kernel also
+# runs this line before the first cell.
+KERNEL_STARTUP = "import cxrlib.run_notebook as _rn; _rn.quiet_progress_bars()"
+
+
+def quiet_progress_bars() -> None:
+    """Make ``tqdm.auto.tqdm`` a disabled bar (in a papermill kernel, before ``cxrlib`` imports it).
+
+    A bar that ran in a saved notebook shows only its first frame ("0%"), which reads as a hang.
+    """
+    import tqdm.auto
+    import tqdm.std
+
+    class QuietTqdm(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.auto.tqdm = QuietTqdm
 
 
 def check_kernel(name: str = KERNEL) -> None:
@@ -93,6 +112,7 @@ def run(
             },
             kernel_name=KERNEL,
             kernel_manager_class=IpcKernelManager,
+            extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_STARTUP}"],
             cwd=str(source.parent),
             progress_bar=False,
         )
