@@ -287,9 +287,10 @@ def evaluation(m: dict, cfg: dict) -> list[str]:
     direct = reports.get("direct, single image, frontal")
     if direct:
         a, b = model["clinical"]["mF1-14"], direct["clinical"]["mF1-14"]
+        trained = "a training format" if m.get("direct_trained") else "not a training format"
         lines.append(
             f"CoT vs direct prompt, mF1-14: {100 * a:.1f} vs {100 * b:.1f} (CoT {compare(a, b)} "
-            "direct; the direct prompt was not a training format)."
+            f"direct; the direct prompt was {trained} of this model)."
         )
     g = m.get("grounding", {}).get("overall")
     if g:
@@ -299,15 +300,15 @@ def evaluation(m: dict, cfg: dict) -> list[str]:
 
 def explorer(m: dict, cfg: dict) -> list[str]:
     agree = m["exact_label_agreement"]
-    normal = m.get("reference_without_positives")
+    common = m.get("most_common_report_agreement")
     lines = [
         f"The labels of the CoT report equal the reference's in {_pct(agree)} of "
         f"{m['studies']} test studies."
     ]
-    if normal is not None:
+    if common is not None:
         lines.append(
-            f"A report that names no finding at all would agree on the {_pct(normal)} of studies "
-            f"whose reference has no positive label: the model is {compare(agree, normal)} that."
+            f"The most common training report, given to every study, would agree on "
+            f"{_pct(common)}: the model is {compare(agree, common)} this image-blind baseline."
         )
     return lines
 
