@@ -8,7 +8,8 @@ message on one line and the path of the executed copy to inspect, not papermill'
 
 ``--overrides "lora.r=16 train.phase2.steps=50"`` is passed to every notebook as its ``OVERRIDES``
 parameter (``make all OVERRIDES="..."``). The kernel talks to papermill over IPC sockets (no
-"running over TCP without encryption" warning per notebook) and progress bars are off
+"running over TCP without encryption" warning per notebook), is not sent a SIGINT at
+shutdown (no "KeyboardInterrupt caught in kernel" line) and progress bars are off
 (``QUIET_ENV``), so the saved notebooks hold final numbers, not bars frozen at 0%.
 """
 
@@ -62,7 +63,7 @@ def check_kernel(name: str = KERNEL) -> None:
 
 
 class IpcKernelManager(AsyncKernelManager):
-    """A local kernel on IPC (Unix socket) transport instead of TCP.
+    """A local kernel on IPC (Unix socket) transport instead of TCP, shut down without SIGINT.
 
     ipykernel warns once per start that TCP without CurveZMQ keys is unencrypted; papermill's
     kernel only ever talks to this process, so sockets in Jupyter's private runtime folder
@@ -72,6 +73,13 @@ class IpcKernelManager(AsyncKernelManager):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.transport = "ipc"
+
+    async def _async_interrupt_kernel(self) -> None:
+        # jupyter_client sends SIGINT before every shutdown; after the last cell the kernel is idle
+        # and a SIGINT arriving mid-message only makes it log "KeyboardInterrupt caught in kernel".
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
 
 
 def run(
