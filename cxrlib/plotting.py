@@ -55,11 +55,12 @@ def draw_box(
 
 
 def caption(ax: plt.Axes, text: str, width: int = 44, fontsize: int = 7) -> None:
-    """Write ``text`` (wrapped) under an image drawn with ``show_image`` (its axes are off)."""
+    """Write ``text`` under an image drawn with ``show_image`` (its axes are off), each line
+    wrapped at ``width`` characters."""
     ax.text(
         0.5,
         -0.03,
-        textwrap.fill(text, width),
+        "\n".join(textwrap.fill(line, width) for line in text.splitlines()),
         transform=ax.transAxes,
         ha="center",
         va="top",
