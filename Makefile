@@ -1,5 +1,6 @@
 # M4CXR reproduction. `make all` sets up .venv and runs every notebook; `make test` runs the tests.
 # PRESET=smoke|tiny|paper (default tiny). Executed notebooks and artifacts go to build/<PRESET>/.
+# OVERRIDES="key.path=value ..." changes the preset in every notebook (use a fresh BUILD=...).
 
 PRESET ?= tiny
 PYTHON ?= python3
@@ -9,6 +10,7 @@ KERNEL := m4cxr
 BUILD ?= build/$(PRESET)
 FIGURES ?= figures
 PYTEST_ARGS ?=
+OVERRIDES ?=
 
 ifeq ($(filter $(PRESET),smoke tiny paper),)
 $(error unknown PRESET '$(PRESET)': use PRESET=smoke, PRESET=tiny (default) or PRESET=paper)
@@ -17,7 +19,7 @@ endif
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 EXECUTED := $(patsubst notebooks/%,$(BUILD)/notebooks/%,$(NOTEBOOKS))
 STAMP := $(VENV)/.installed
-RUN_NOTEBOOK := $(PY) -m cxrlib.run_notebook --preset $(PRESET) --output-dir $(BUILD) --figure-dir $(FIGURES)
+RUN_NOTEBOOK := $(PY) -m cxrlib.run_notebook --preset $(PRESET) --output-dir $(BUILD) --figure-dir $(FIGURES) --overrides "$(OVERRIDES)"
 
 .DEFAULT_GOAL := help
 .PHONY: help all smoke install test lint format lab clean clean-all benchmarks
@@ -25,6 +27,7 @@ RUN_NOTEBOOK := $(PY) -m cxrlib.run_notebook --preset $(PRESET) --output-dir $(B
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: PRESET=smoke|tiny|paper (default tiny), BUILD=$(BUILD), FIGURES=$(FIGURES)"
+	@echo "             OVERRIDES=\"lora.r=16 train.phase2.steps=50\" (preset changes; use a fresh BUILD)"
 
 install: $(STAMP) ## create .venv, install cxrlib with its dependencies and the Jupyter kernel
 
@@ -33,6 +36,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import cxrlib, torch, transformers, peft, timm, papermill"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (m4cxr)" >/dev/null
+	@# git strips notebook outputs when it reads a notebook (diff, add, commit): lab sessions stay local
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
 	@touch $@
 
 all: $(EXECUTED) ## run every notebook in order with papermill (PRESET=tiny) and regenerate figures/

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrlib.config import load_preset
+from cxrlib.config import load_preset, parse_overrides
 from cxrlib.engine import read_metrics
 from cxrlib.phases import stage_dir
-from cxrlib.train import STAGES, parse_overrides, run_stage
+from cxrlib.train import STAGES, run_stage
 from cxrlib.utils import seed_everything
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -477,3 +478,18 @@ def load_config(directory: str | Path) -> dict:
             f"no {CONFIG_FILENAME} in {directory}: was this artifact saved by cxrlib?"
         )
     return json.loads(path.read_text())
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["train.phase1.steps=10", ...]`` -> ``{"train": {"phase1": {"steps": 10}}}`` (YAML values)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        key, value = item.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out

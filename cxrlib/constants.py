@@ -1,6 +1,6 @@
 """Constants of the M4CXR recipe: special tokens, prompt strings and label names.
 
-Every string here is copied from the paper's conversation format (see ``../shared/M4CXR.md``),
+Every string here is copied from the paper's conversation format (summarised in ``docs/paper.md``),
 so that the data layer, the model and the evaluation agree on one spelling.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -51,3 +52,17 @@ def draw_box(
     )
     if label:
         ax.text(x1, y1 - 1, label, color=color, fontsize=7, va="bottom")
+
+
+def caption(ax: plt.Axes, text: str, width: int = 44, fontsize: int = 7) -> None:
+    """Write ``text`` under an image drawn with ``show_image`` (its axes are off), each line
+    wrapped at ``width`` characters."""
+    ax.text(
+        0.5,
+        -0.03,
+        "\n".join(textwrap.fill(line, width) for line in text.splitlines()),
+        transform=ax.transAxes,
+        ha="center",
+        va="top",
+        fontsize=fontsize,
+    )

@@ -5,16 +5,48 @@
 
 A failing cell (a missing stage artifact, missing weights, ...) ends with the notebook's own error
 message on one line and the path of the executed copy to inspect, not papermill's traceback.
+
+``--overrides "lora.r=16 train.phase2.steps=50"`` is passed to every notebook as its ``OVERRIDES``
+parameter (``make all OVERRIDES="..."``). The kernel talks to papermill over IPC sockets (no
+"running over TCP without encryption" warning per notebook), is not sent a SIGINT at
+shutdown (no "KeyboardInterrupt caught in kernel" line) and progress bars are off
+(``QUIET_ENV``), so the saved notebooks hold final numbers, not bars frozen at 0%.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+
 KERNEL = "m4cxr"
+# Progress bars off in papermill runs: a saved notebook would show each bar as its first frame
+# (0%). tqdm reads TQDM_DISABLE for bars that do not set `disable` themselves; Hugging Face's
+# bars ("Loading weights") read HF_HUB_DISABLE_PROGRESS_BARS.
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# tqdm's notebook bars ignore TQDM_DISABLE (they always pass `disable` on), so the kernel also
+# runs this line before the first cell.
+KERNEL_STARTUP = "import cxrlib.run_notebook as _rn; _rn.quiet_progress_bars()"
+
+
+def quiet_progress_bars() -> None:
+    """Make ``tqdm.auto.tqdm`` a disabled bar (in a papermill kernel, before ``cxrlib`` imports it).
+
+    A bar that ran in a saved notebook shows only its first frame ("0%"), which reads as a hang.
+    """
+    import tqdm.auto
+    import tqdm.std
+
+    class QuietTqdm(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    tqdm.auto.tqdm = QuietTqdm
 
 
 def check_kernel(name: str = KERNEL) -> None:
@@ -30,6 +62,26 @@ def check_kernel(name: str = KERNEL) -> None:
         )
 
 
+class IpcKernelManager(AsyncKernelManager):
+    """A local kernel on IPC (Unix socket) transport instead of TCP, shut down without SIGINT.
+
+    ipykernel warns once per start that TCP without CurveZMQ keys is unencrypted; papermill's
+    kernel only ever talks to this process, so sockets in Jupyter's private runtime folder
+    (``0700``) are the transport that warning recommends.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.transport = "ipc"
+
+    async def _async_interrupt_kernel(self) -> None:
+        # jupyter_client sends SIGINT before every shutdown; after the last cell the kernel is idle
+        # and a SIGINT arriving mid-message only makes it log "KeyboardInterrupt caught in kernel".
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
+
 def run(
     source: Path,
     target: Path,
@@ -38,6 +90,7 @@ def run(
     figure_dir: str,
     seed: int = 0,
     device: str = "auto",
+    overrides: str = "",
 ) -> float:
     """Execute ``source`` into ``target`` with the given parameters; return seconds taken."""
     import papermill as pm
@@ -54,6 +107,9 @@ def run(
         preset = str(Path(preset).resolve())
     check_kernel()
     target.parent.mkdir(parents=True, exist_ok=True)
+    # The kernel inherits the environment: no progress bars frozen in the saved outputs.
+    saved_env = {k: os.environ.get(k) for k in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
     start = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -65,8 +121,11 @@ def run(
                 "DEVICE": device,
                 "OUTPUT_DIR": output_dir,
                 "FIGURE_DIR": figure_dir,
+                "OVERRIDES": overrides,
             },
             kernel_name=KERNEL,
+            kernel_manager_class=IpcKernelManager,
+            extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_STARTUP}"],
             cwd=str(source.parent),
             progress_bar=False,
         )
@@ -79,6 +138,12 @@ def run(
             f"error: {source.name} failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
             f"(executed copy: {failed})"
         )
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return time.perf_counter() - start
 
 
@@ -91,11 +156,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure-dir", default="")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--overrides", default="", help='preset changes, e.g. "lora.r=16 train.phase2.steps=50"'
+    )
     args = parser.parse_args(argv)
     output_dir = str(Path(args.output_dir).resolve()) if args.output_dir else ""
     figure_dir = str(Path(args.figure_dir).resolve()) if args.figure_dir else ""
     seconds = run(
-        args.source, args.target, args.preset, output_dir, figure_dir, args.seed, args.device
+        args.source,
+        args.target,
+        args.preset,
+        output_dir,
+        figure_dir,
+        args.seed,
+        args.device,
+        args.overrides,
     )
     print(f"{args.source.name}: {seconds:.0f} s ({args.preset})")
     record_timing(args.target.parent / "timings.json", args.source.stem, seconds)

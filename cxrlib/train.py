@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate.state import PartialState
 
 from cxrlib import phases
-from cxrlib.config import PRESETS, ConfigError, load_preset
+from cxrlib.config import PRESETS, ConfigError, load_preset, parse_overrides
 from cxrlib.utils import output_dir, seed_everything
 
 STAGE_FUNCTIONS = {
@@ -60,21 +59,6 @@ def run_stage(
         raise ValueError(f"unknown stage '{stage}': choose one of {', '.join(STAGES)}")
     runner = STAGE_FUNCTIONS[stage]
     return runner(cfg, Path(out_dir), resume=resume, max_steps=max_steps, device=device)
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """``["train.phase1.steps=10", ...]`` -> ``{"train": {"phase1": {"steps": 10}}}`` (YAML values)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key.path=value, got '{item}'")
-        key, value = item.split("=", 1)
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from cxrlib import engine as E
 from cxrlib import evaluate
 from cxrlib import train as T
+from cxrlib.config import parse_overrides
 from cxrlib.constants import IGNORE_INDEX
 from cxrlib.data import batches, features
 
@@ -225,7 +226,7 @@ def test_hparams_from_preset_sections():
 
 
 def test_parse_overrides():
-    assert T.parse_overrides(["train.phase1.steps=10", "llm.hf_id=null"]) == {
+    assert parse_overrides(["train.phase1.steps=10", "llm.hf_id=null"]) == {
         "train": {"phase1": {"steps": 10}},
         "llm": {"hf_id": None},
     }

@@ -57,7 +57,7 @@ from cxrlib.data.boxes import format_box, format_boxes, is_visible, to_relative
 from cxrlib.data.iuxray import split_sentences as iu_split_sentences
 
 # ---------------------------------------------------------------------------------------------
-# Prompt strings of the card (../shared/M4CXR.md, "Conversation format")
+# Prompt strings of the card (docs/paper.md summarises the conversation format)
 # ---------------------------------------------------------------------------------------------
 FINDINGS_LIST = ", ".join(COT_FINDINGS)
 COT_QUESTION = "Which of the following findings are present in the {target}? Findings: {findings}"

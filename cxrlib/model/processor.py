@@ -21,13 +21,14 @@ model sees images prepared exactly like the paper's, only smaller.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, BitImageProcessor
 
 from cxrlib.tokenizer import MissingWeightsError, missing_weights_message
@@ -196,32 +197,70 @@ def to_uint8(
     return 255 - out if invert else out
 
 
-def load_image(path: str | Path, window: str = "range") -> np.ndarray:
-    """Read a radiograph file as the uint8 (H, W) array the model takes.
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
-    PNG/JPEG/TIFF (8 or 16 bit, gray or RGB: the first channel) through Pillow; DICOM
-    (``.dcm``) through pydicom, with its rescale slope/intercept applied and ``MONOCHROME1``
-    inverted. Anything deeper than 8 bit is windowed by ``to_uint8`` (``window``).
+
+def load_image(
+    source: str | Path | bytes, window: str = "range", name: str | None = None
+) -> np.ndarray:
+    """Read a radiograph (a file path, or a file's bytes) as the uint8 (H, W) array the model takes.
+
+    The one reader of image files in the project (datasets, the explorer's upload, users' code).
+    PNG/JPEG/TIFF (8 or 16 bit, gray or RGB: the first channel) through Pillow; DICOM (``.dcm``,
+    or bytes with the ``DICM`` preamble) through pydicom, with its modality LUT (rescale
+    slope/intercept) and VOI LUT (window) applied and ``MONOCHROME1`` inverted. Anything deeper
+    than 8 bit is windowed by ``to_uint8`` (``window``: ``"range"`` or ``"percentiles"``).
+
+    Args:
+        source: a path, or the bytes of a file (e.g. from ``ipywidgets.FileUpload``).
+        window: how deep images are brought to 0-255 (see ``to_uint8``).
+        name: the file name for bytes (its suffix picks the reader) and for error messages.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    invert = False
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        import pydicom
-        from pydicom.pixels import apply_modality_lut
-
-        ds = pydicom.dcmread(path)
-        pixels = apply_modality_lut(ds.pixel_array, ds)
-        invert = getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1"
+    if isinstance(source, bytes):
+        name = name or "image"
+        handle, dicom = io.BytesIO(source), source[128:132] == b"DICM"
     else:
-        with Image.open(path) as im:
-            pixels = np.asarray(im)
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        name, handle, dicom = name or str(path), path, False
+    dicom = dicom or Path(name).suffix.lower() in DICOM_SUFFIXES
+    invert = False
+    if dicom:
+        pixels, invert = _read_dicom(handle, name)
+    else:
+        try:
+            with Image.open(handle) as im:
+                pixels = np.asarray(im)
+        except UnidentifiedImageError as err:
+            raise ImageError(
+                f"{name} is not a readable image file (PNG, JPEG, TIFF or DICOM)"
+            ) from err
     if pixels.ndim == 3:
         pixels = pixels[..., 0]
     if pixels.dtype == np.uint8 and not invert:
         return pixels
     return to_uint8(pixels, window=window, invert=invert)
+
+
+def _read_dicom(handle, name: str) -> tuple[np.ndarray, bool]:
+    """Pixel values of a one-frame DICOM after its modality and VOI LUTs, and MONOCHROME1."""
+    # pydicom only when a DICOM file is given: PNG and JPEG need nothing beyond Pillow.
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(handle)
+        pixels = ds.pixel_array
+    except (InvalidDicomError, AttributeError, ValueError) as err:
+        raise ImageError(f"{name}: not a DICOM file with pixel data ({err})") from err
+    if pixels.ndim != 2:
+        raise ImageError(
+            f"{name}: DICOM pixel data has shape {pixels.shape}; expected one grayscale frame"
+        )
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds)
+    return values, getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1"
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
