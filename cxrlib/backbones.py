@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from cxrlib import train as engine
 from cxrlib.constants import COT_FINDINGS, ORGANS, POSITIVE, SYSTEM_TEXT
+from cxrlib.data.text_instructions import with_text_instructions
 from cxrlib.tokenizer import MissingWeightsError, load_tokenizer, missing_weights_message
 from cxrlib.utils import require_artifact, seed_everything
 
@@ -245,6 +246,8 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     studies = read_studies(out_dir)
     texts = report_corpus(studies, "train") + box_corpus(section.get("box_texts", 0), cfg["seed"])
     train_set = PackedText(texts, tokenizer, section["seq_len"])
+    # issue 14: + text-only instruction conversations (train.lm_pretrain.text_instructions)
+    train_set = with_text_instructions(train_set, studies, tokenizer, section, cfg["seed"])
     val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])  # reports
     seed_everything(cfg["seed"])
     model = build_llm(cfg, tokenizer, pretrained=False)
