@@ -35,7 +35,7 @@ def turn_agreement(records: list[dict], labeler) -> dict:
     """Share of turn-1 findings the labeler finds positive in the turn-2 report, and the share of
     the report's positive findings (13 CoT findings) that turn 1 named."""
     rows = [r for r in records if r.get("findings") is not None]
-    table = evaluate.label_texts([r["report"] for r in rows], labeler)
+    table = evaluate.label_texts([r["report"] for r in rows], labeler).fillna(0)  # NA: no mention
     named = in_report = positive = named_back = 0
     for r, (_, labels) in zip(rows, table.iterrows()):
         pos = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == 1}
