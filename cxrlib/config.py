@@ -186,6 +186,7 @@ class _PretrainStage(_Section):
 class LMPretrainStage(_PretrainStage):
     seq_len: PositiveInt
     box_texts: NonNegativeInt
+    text_instructions: NonNegativeInt = 0
 
 
 class EncoderPretrainStage(_PretrainStage):
@@ -206,6 +207,7 @@ class Phase1Stage(_Section):
 
 class Phase2Stage(Phase1Stage):
     val_per_task: PositiveInt
+    lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 
 
 class TrainSection(_Section):

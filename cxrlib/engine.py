@@ -51,6 +51,7 @@ from transformers import get_scheduler
 
 from cxrlib.config import ConfigError, save_config
 from cxrlib.constants import IGNORE_INDEX
+from cxrlib.optim_groups import part_param_groups
 
 EXPLODE_FACTOR = 10.0  # a loss this many times the first step's loss means the run diverged
 KEEP_CHECKPOINTS = 2  # older checkpoints of a stage are deleted
@@ -80,6 +81,7 @@ class HParams:
     warmup_steps: int = 0
     schedule: str = "cosine"  # any transformers.get_scheduler name: cosine | linear | constant...
     grad_clip: float | None = 1.0
+    lr_scale: dict | None = None  # model part -> multiple of lr (cxrlib.optim_groups)
 
     @classmethod
     def from_section(cls, section: dict, name: str = "stage") -> HParams:
@@ -96,6 +98,7 @@ class HParams:
             warmup_steps=int(section.get("warmup_steps", 0)),
             schedule=str(section.get("schedule", "cosine")),
             grad_clip=section.get("grad_clip", 1.0),
+            lr_scale=dict(section.get("lr_scale") or {}),
         )
         if hp.steps < 1 or hp.micro_batch < 1 or hp.global_batch < 1:
             raise ConfigError(f"train.{name}: steps and batch sizes must be positive, got {hp}")
@@ -446,7 +449,11 @@ def train(
     if not named:
         raise ValueError(f"{desc}: the model has no trainable parameters (check set_trainable)")
 
-    optimizer = torch.optim.AdamW(_param_groups(named, hp.weight_decay), lr=hp.lr)
+    if hp.lr_scale:  # a learning rate per model part (train.<stage>.lr_scale)
+        groups = part_param_groups(named, hp.weight_decay, hp.lr, hp.lr_scale)
+    else:
+        groups = _param_groups(named, hp.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=hp.lr)
     scheduler = get_scheduler(
         hp.schedule, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=hp.steps
     )

@@ -44,6 +44,7 @@ from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
 from cxrlib.data.features import cached_features, encoder_features
+from cxrlib.data.text_instructions import with_text_instructions
 from cxrlib.model import (
     ImageProcessor,
     build_encoder,
@@ -223,6 +224,9 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     studies = read_studies(out_dir)
     texts = report_corpus(studies, "train") + box_corpus(section.get("box_texts", 0), cfg["seed"])
     train_set = PackedText(texts, tokenizer, section["seq_len"])
+    # + text-only instruction conversations (train.lm_pretrain.text_instructions): the skills
+    # Mistral-7B-Instruct brings (boxes, yes/no, question formats), from text alone
+    train_set = with_text_instructions(train_set, studies, tokenizer, section, cfg["seed"])
     val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])  # reports
     seed_everything(cfg["seed"])
     model = build_llm(cfg, tokenizer, pretrained=False)

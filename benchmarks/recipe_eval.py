@@ -1,0 +1,121 @@
+"""Score one trained `phase2` checkpoint against issue 14's targets, on the held-out test split.
+
+The same library calls as notebooks 05 and 06 (``generate_reports``, ``run_conversations``,
+``evaluate.report_metrics`` / ``cot_findings_metrics`` / ``grounding_metrics`` /
+``vqa_metrics``), with the notebooks' settings (150 questions per grounding / VQA task), so a
+recipe can be compared without running the notebooks. Used for docs/recipe-log.md:
+
+    python benchmarks/recipe_eval.py --out build/tiny [--studies N] [--json results.json]
+
+Prints one JSON object: CoT single-image frontal report mF1-14 (+ 95% CI), distinct reports,
+turn-1 findings macro F1 (frontal and all views), turn-1 -> turn-2 agreement, grounding per task
+(mIoU, acc@0.5, malformed share), VQA exact match by question type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cxrlib import evaluate
+from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS
+from cxrlib.data.conversations import LABEL_OF, build_conversation
+from cxrlib.data.datasets import load_datasets
+from cxrlib.inference import LocalBackend, generate_reports, run_conversations
+from cxrlib.labeler import get_labeler
+
+MAX_PER_TASK = 150  # notebook 05's questions per grounding / VQA task (tiny)
+
+
+def turn_agreement(records: list[dict], labeler) -> dict:
+    """Share of turn-1 findings the labeler finds positive in the turn-2 report, and the share of
+    the report's positive findings (13 CoT findings) that turn 1 named."""
+    rows = [r for r in records if r.get("findings") is not None]
+    table = evaluate.label_texts([r["report"] for r in rows], labeler).fillna(0)  # NA: no mention
+    named = in_report = positive = named_back = 0
+    for r, (_, labels) in zip(rows, table.iterrows()):
+        pos = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == 1}
+        said = set(r["findings"])
+        named += len(said)
+        in_report += len(said & pos)
+        positive += len(pos)
+        named_back += len(pos & said)
+    return {
+        "turn1_named": named,
+        "turn1_in_report": in_report / named if named else None,
+        "report_positive": positive,
+        "report_in_turn1": named_back / positive if positive else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="build/tiny")
+    parser.add_argument("--studies", type=int, default=None, help="first N test studies")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args()
+    out = Path(args.out)
+    data = load_datasets(out / "data")
+    test = evaluate.held_out_studies(data.studies, args.studies)
+    study_labels = {s["study_id"]: s["labels"] for s in data.studies}
+    backend = LocalBackend.from_checkpoint(out / "phase2", device="cpu")
+    labeler = get_labeler("auto")
+    t0 = time.perf_counter()
+    cot = generate_reports(backend, test, data.images, mode="single", cot=True, max_new_tokens=120)
+    frontal = [r for r in cot if r["views"][0] in FRONTAL_VIEWS]
+    rep = evaluate.report_metrics(
+        cot, labeler, "frontal", bootstrap_samples=args.bootstrap, language=False
+    )
+    res: dict = {
+        "test_studies": len(test),
+        "cot_frontal_mF1_14": 100 * rep["clinical"]["mF1-14"],
+        "cot_frontal_mF1_14_ci": [100 * v for v in rep["clinical_ci"]["mF1-14"]],
+        "distinct_reports_frontal": len({r["report"] for r in frontal}),
+        "distinct_reports_all": len({r["report"] for r in cot}),
+        "turn1_not_found_share": float(np.mean([r["findings"] == [] for r in cot])),
+        "cot_findings_frontal": evaluate.cot_findings_metrics(frontal, study_labels),
+        "cot_findings_all_views": evaluate.cot_findings_metrics(cot, study_labels)["macro_f1"],
+        "agreement_frontal": turn_agreement(frontal, labeler),
+        "report_seconds": time.perf_counter() - t0,
+    }
+    per_label = rep["clinical"].get("per_label") or {}
+    res["report_per_label_f1"] = {k: per_label.get(k) for k in CHEXPERT_LABELS if k in per_label}
+    rng = np.random.default_rng(0)
+    convs = []
+    tasks = list(evaluate.BOX_TASKS) + ["multi_finding_grounding"]
+    tasks += list(evaluate.NAMING_TASKS) + list(evaluate.VQA_TASKS)
+    for task in tasks:
+        built = [c for s in test if (c := build_conversation(task, s, rng)) is not None]
+        convs += built[:MAX_PER_TASK]
+    t0 = time.perf_counter()
+    recs = run_conversations(backend, convs, data.images, max_new_tokens=48)
+    res["conversation_seconds"] = time.perf_counter() - t0
+    grounding = evaluate.grounding_metrics(recs)
+    res["grounding"] = {
+        t: {k: g[k] for k in ("mIoU", "accuracy", "n", "malformed", "said_absent") if k in g}
+        for t, g in grounding.items()
+    }
+    n_box = sum(r["task"] in evaluate.BOX_TASKS or r["task"] == "multi_finding_grounding"
+                for r in recs)  # fmt: skip
+    res["grounding_answers"] = n_box
+    vqa = evaluate.vqa_metrics(recs)
+    v = vqa.get("vqa", {})
+    res["vqa_accuracy"] = v.get("accuracy")
+    res["vqa_by_type"] = {
+        k: {"accuracy": d["accuracy"], "n": d["n"]}
+        for k, d in v.get("by_question_type", {}).items()
+    }
+    res["naming"] = vqa.get("naming")
+    text = json.dumps(res, indent=1, default=float)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

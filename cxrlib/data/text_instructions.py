@@ -1,0 +1,179 @@
+"""Text-only instruction conversations: the skills Mistral-7B-Instruct brings, taught from text.
+
+M4CXR starts phase 1 from an LLM that already follows instructions, writes numbers and brackets,
+answers yes/no and conditions a later turn on an earlier one. The small LLM of ``tiny`` learns
+only report prose in notebook 02 (IU report text has about 300 digits in 640k characters), and
+phase 2 trains only LoRA on q/v in it, so it cannot learn those skills there (issue 14).
+
+This module makes the stand-in's missing skills out of text alone: every phase-2 task's
+conversation of a *training* study (``cxrlib.data.conversations.build_conversation``, the card's
+prompt strings), with each ``<image>`` replaced by that image's findings **written in words**
+(``describe_image``: view, positive findings with location, severity and box, the organ boxes).
+The model learns the answer formats (``"cardiomegaly, pleural effusion."``, ``"[12,3,42,80]."``,
+``"Not present."``, ``"yes"``) and to read them off what precedes, and turn 2 to write the
+report that turn 1's findings call for. Phases 1 and 2 then only have to teach it to read the
+same facts from image tokens instead of words, as in the paper.
+
+    convs = text_conversations(studies, n=4000, seed=0)            # training split only
+    rows = packed_instruction_rows(convs, tokenizer, seq_len=128)  # (N, 128) token ids
+
+Used by ``cxrlib.backbones.lm_pretrain_stage`` (``train.lm_pretrain.text_instructions``, ``tiny``
+only: ``paper`` starts from Mistral-7B-Instruct, which has these skills).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from cxrlib.constants import FRONTAL_VIEWS, IMAGE_TOKEN, POSITIVE, UNCERTAIN
+from cxrlib.data.boxes import format_box
+from cxrlib.data.conversations import (
+    ALL_TASKS,
+    LABEL_OF,
+    build_conversation,
+    finding_boxes,
+    finding_name,
+    location_answer,
+    organ_boxes,
+)
+from cxrlib.data.tokenize import encode_conversation
+
+# Tasks whose answer is fully determined by the written description (every phase-2 task is).
+TEXT_TASKS = tuple(ALL_TASKS)
+
+
+class TextInstructionError(ValueError):
+    """A conversation whose images cannot be described (an image index not in the studies)."""
+
+
+def describe_image(record: dict, image: dict) -> str:
+    """One image's content in words, e.g.
+    ``"PA view; cardiomegaly, mild, at [38,50,76,71]; left lung at [56,10,93,76]; ..."``.
+
+    Args:
+        record: the study (or a study's ``prior``) the image belongs to: ``labels``, ``findings``.
+        image: the image record (``view``, ``hw``, ``finding_boxes``, ``organ_boxes``).
+    """
+    parts = [f"{image['view'] if image['view'] in FRONTAL_VIEWS else 'lateral'} view"]
+    labels = record.get("labels", {})
+    boxes = finding_boxes(image) if image["view"] in FRONTAL_VIEWS else {}
+    attributes = {f["observation"]: f for f in record.get("findings", [])}
+    named = False
+    for name, label in LABEL_OF.items():
+        if name == "no finding":
+            continue
+        status = labels.get(label)
+        if status == POSITIVE:
+            words = [name]
+            finding = attributes.get(label, {})
+            if (loc := location_answer(finding)) is not None:
+                words.append(loc)
+            if finding.get("severity"):
+                words.append(finding["severity"])
+            text = ", ".join(words)
+            if label in boxes:
+                text += " at " + ", ".join(format_box(b) for b in boxes[label])
+            parts.append(text)
+            named = True
+        elif status == UNCERTAIN:
+            parts.append(f"possible {finding_name(label)}")
+    if not named:
+        parts.append("no abnormality")
+    if image["view"] in FRONTAL_VIEWS:
+        parts += [f"{organ} at {format_box(box)}" for organ, box in organ_boxes(image).items()]
+    return "; ".join(parts)
+
+
+def _image_records(study: dict) -> dict[int, tuple[dict, dict]]:
+    """image index -> (the record whose labels describe it, the image record)."""
+    out = {im["index"]: (study, im) for im in study.get("images", [])}
+    prior = study.get("prior") or {}
+    out.update({im["index"]: (prior, im) for im in prior.get("images", [])})
+    return out
+
+
+def to_text_conversation(conv: dict, study: dict) -> dict:
+    """``conv`` with each ``<image>`` of its user turns replaced, in order, by the words of the
+    image it stands for (``describe_image``); ``images`` becomes empty."""
+    records = _image_records(study)
+    try:
+        words = iter([f"({describe_image(*records[i])})" for i in conv["images"]])
+    except KeyError as err:
+        raise TextInstructionError(f"image {err} of a {conv['task']} conversation is not in study "
+                                   f"{study['study_id']}") from err  # fmt: skip
+    turns = []
+    for turn in conv["turns"]:
+        pieces = turn["user"].split(IMAGE_TOKEN)
+        user = pieces[0] + "".join(next(words) + p for p in pieces[1:])
+        turns.append({**turn, "user": user})
+    return {**conv, "images": [], "turns": turns, "meta": {**conv.get("meta", {}), "text": True}}
+
+
+def text_conversations(
+    studies: Sequence[dict], n: int, seed: int, tasks: Sequence[str] = TEXT_TASKS
+) -> list[dict]:
+    """``n`` text-only conversations of training-split studies, tasks drawn uniformly among those
+    a drawn study supports (so rare tasks such as grounding get as much text as reports).
+
+    Never uses a validation or test study: the held-out evaluation stays unseen.
+    """
+    train = [s for s in studies if s["split"] == "train"]
+    if n and not train:
+        raise ValueError("no training-split studies to write text instructions from (notebook 01)")
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n:
+            raise ValueError(f"only {len(out)} of {n} text conversations could be built")
+        study = train[int(rng.integers(len(train)))]
+        task = tasks[int(rng.integers(len(tasks)))]
+        conv = build_conversation(task, study, rng)
+        if conv is not None:
+            out.append(to_text_conversation(conv, study))
+    return out
+
+
+def packed_instruction_rows(
+    conversations: Sequence[dict], tokenizer, seq_len: int, max_length: int = 4096
+) -> torch.Tensor:
+    """The conversations in the card's chat format (``cxrlib.data.tokenize``, system text
+    included, ``</s>`` after each answer), concatenated and cut into rows of ``seq_len`` ids,
+    as ``cxrlib.backbones.PackedText`` does for report text."""
+    ids: list[int] = []
+    for conv in conversations:
+        ids += encode_conversation(conv, tokenizer, 1, max_length)["input_ids"]  # no <image> in it
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens of conversations do not fill one row of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+class InstructionRows(Dataset):
+    """Packed rows of token ids (``packed_instruction_rows``) as a dataset of rows, the item
+    type of ``cxrlib.backbones.PackedText``, so both mix in one ``ConcatDataset``."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.rows[i]
+
+
+def with_text_instructions(train_set: Dataset, studies, tokenizer, section: dict, seed: int):
+    """``train_set`` (packed report text) plus ``section["text_instructions"]`` text-only
+    conversations packed into rows of ``section["seq_len"]``; unchanged when that is 0/absent."""
+    n = int(section.get("text_instructions", 0) or 0)
+    if n <= 0:
+        return train_set
+    rows = packed_instruction_rows(text_conversations(studies, n, seed), tokenizer,
+                                   section["seq_len"])  # fmt: skip
+    return ConcatDataset([train_set, InstructionRows(rows)])

@@ -1,0 +1,94 @@
+"""Text-only instruction conversations (issue 14) and per-part learning rates."""
+
+import pytest
+import torch
+from conftest import example_study
+
+from cxrlib.constants import IMAGE_TOKEN, SYSTEM_TEXT
+from cxrlib.data.conversations import build_conversation
+from cxrlib.data.text_instructions import (
+    TextInstructionError,
+    describe_image,
+    packed_instruction_rows,
+    text_conversations,
+    to_text_conversation,
+    with_text_instructions,
+)
+from cxrlib.optim_groups import part_of, part_param_groups
+from cxrlib.tokenizer import train_bpe_tokenizer
+
+
+def test_describe_image_names_findings_boxes_and_organs():
+    study = example_study()
+    text = describe_image(study, study["images"][0])
+    assert text.startswith("PA view; cardiomegaly, mild at [27,45,82,86]")
+    assert "pleural effusion, left lower zone, moderate at [55,68,94,99]" in text
+    assert "possible atelectasis" in text  # uncertain: named as such, no box
+    assert "left lung at [" in text and "heart at [" in text
+
+
+def test_text_conversation_replaces_every_image_and_keeps_answers():
+    study = example_study()
+    for task in ("cot_multi_study", "organ_grounding", "difference_vqa", "finding_grounding"):
+        conv = build_conversation(task, study, 0)
+        text = to_text_conversation(conv, study)
+        assert text["images"] == [] and text["task"] == task
+        assert all(IMAGE_TOKEN not in t["user"] for t in text["turns"])
+        assert [t["assistant"] for t in text["turns"]] == [t["assistant"] for t in conv["turns"]]
+        assert text["turns"][0]["user"].count("view;") == len(conv["images"])
+    organ = to_text_conversation(build_conversation("organ_grounding", study, 0), study)
+    # the asked organ's box is in the description: the answer can be read off the words
+    assert organ["turns"][0]["assistant"].rstrip(".") in organ["turns"][0]["user"]
+
+
+def test_unknown_image_is_an_error():
+    study = example_study()
+    conv = {**build_conversation("vqa", study, 0), "images": [999]}
+    with pytest.raises(TextInstructionError, match="999"):
+        to_text_conversation(conv, study)
+
+
+def test_text_conversations_use_the_training_split_only():
+    train, test = example_study(), {**example_study(), "study_id": "T", "split": "test"}
+    convs = text_conversations([train, test], n=30, seed=0)
+    assert len(convs) == 30 and {
+        c["meta"]["study_id"] for c in convs if "study_id" in c["meta"]
+    } <= {"EX1"}
+    assert convs == text_conversations([train, test], n=30, seed=0)  # seeded
+    with pytest.raises(ValueError, match="training-split"):
+        text_conversations([test], n=1, seed=0)
+
+
+def test_packed_rows_are_the_chat_format():
+    study = example_study()
+    convs = text_conversations([study], n=20, seed=1)
+    texts = [SYSTEM_TEXT] * 5 + [t["user"] + t["assistant"] for c in convs for t in c["turns"]]
+    tok = train_bpe_tokenizer(texts, vocab_size=400)
+    rows = packed_instruction_rows(convs, tok, seq_len=32)
+    assert rows.ndim == 2 and rows.shape[1] == 32
+    assert tok.decode(rows[0]).startswith(f"<s>[INST] {SYSTEM_TEXT[:20]}")
+    assert "[/INST]" in tok.decode(rows.flatten())
+    base = torch.utils.data.TensorDataset(torch.zeros(3, 32))
+    assert with_text_instructions(base, [study], tok, {"seq_len": 32}, 0) is base  # off
+    mixed = with_text_instructions(base, [study], tok, {"seq_len": 32, "text_instructions": 20}, 1)
+    assert len(mixed) == 3 + len(rows) and torch.equal(mixed[3], rows[0])
+
+
+def test_part_param_groups_scale_one_part():
+    named = [
+        ("encoder.layer.0.weight", torch.nn.Parameter(torch.zeros(2, 2))),
+        ("encoder.layer.0.bias", torch.nn.Parameter(torch.zeros(2))),
+        ("projector.w", torch.nn.Parameter(torch.zeros(2, 2))),
+        ("llm.base_model.q_proj.lora_A.default.weight", torch.nn.Parameter(torch.zeros(2, 2))),
+    ]
+    assert [part_of(n) for n, _ in named] == ["encoder", "encoder", "projector", "lora"]
+    groups = part_param_groups(named, 0.1, 1e-3, {"encoder": 0.1})
+    lr = {(g["part"], g["weight_decay"]): g["lr"] for g in groups}
+    assert lr == {("encoder", 0.1): 1e-4, ("encoder", 0.0): 1e-4, ("projector", 0.1): 1e-3,
+                  ("lora", 0.1): 1e-3}  # fmt: skip
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    with pytest.raises(ValueError, match="unknown parts"):
+        part_param_groups(named, 0.1, 1e-3, {"decoder": 0.1})
+    with pytest.raises(ValueError, match="train no parameter"):
+        part_param_groups(named[2:], 0.1, 1e-3, {"encoder": 0.1})
+    part_param_groups(named[2:], 0.1, 1e-3, {"encoder": 1.0})  # 1 = the default: no error
