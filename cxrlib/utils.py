@@ -120,6 +120,11 @@ def save_metrics(metrics: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """A metrics file that ``save_metrics`` wrote (an earlier notebook's numbers)."""
+    return json.loads(Path(path).read_text())
+
+
 def _to_builtin(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
