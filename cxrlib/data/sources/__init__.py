@@ -156,6 +156,13 @@ def load_sources(cfg: dict, names: list[str]) -> tuple[list[dict], dict[str, dic
     records, counts = [], {}
     for name in names:
         recs, counts[name] = LOADERS[name](roots, cfg)
+        if counts[name].get("studies_cut_to_max_images"):
+            warnings.warn(
+                f"{counts[name]['studies_cut_to_max_images']} studies of {name} have more than "
+                f"{cfg['data']['max_images_per_study']} images (data.max_images_per_study): "
+                f"{counts[name]['images_cut']} images left out, frontal views kept first",
+                stacklevel=2,
+            )
         records += recs
     counts["leakage_removed"] = guard_leakage(records)
     return records, counts
