@@ -285,6 +285,7 @@ def test_nih_label_files_in_full(tmp_path):
     assert {r["split"] for r in records} == {"train", "val", "test"}
 
 
+@pytest.mark.slow  # 223,414 rows: about 10-25 s on 2 shared cores
 def test_chexpert_label_file_in_full(tmp_path):
     root = _link("chexpert_train.csv.gz", tmp_path / "CheXpert-v1.0-small", "train.csv.gz")
     records, counts = load_chexpert(root, smoke(max_images_per_study=5), files=("train.csv",))

@@ -84,7 +84,7 @@ def read_table(info: SourceInfo, path: Path, columns: Iterable[str], **kwargs) -
 
 def label_value(value) -> int | None:
     """A CheXpert-style cell (1.0 / 0.0 / -1.0 / blank) -> 1, 0, -1 or None."""
-    if value is None or pd.isna(value):
+    if value is None or value != value or value == "":  # blank: None or NaN (NaN != NaN)
         return None
     return int(float(value))
 

@@ -50,17 +50,24 @@ def load_chexpert(root, cfg: dict, files=("train.csv", "valid.csv")) -> tuple[li
         counts[f"rows_{name}"] = len(df)
         parts = df["Path"].str.split("/", n=4, expand=True)  # release/split/patient/study/view
         df["patient"], df["study"] = parts[2], parts[2] + "/" + parts[3]
+        views = [_view(f, a) for f, a in zip(df["Frontal/Lateral"], df["AP/PA"])]  # None kept
         if name.startswith("train"):
             by_patient = make_splits(set(df["patient"]), data["val_fraction"], 0.0,
                                      data["split_seed"])  # fmt: skip
-        for study, rows in df.groupby("study", sort=False):
-            images = []
-            for row in rows.to_dict("records"):
-                view = _view(row["Frontal/Lateral"], row["AP/PA"])
-                if view is None:
-                    counts["images_dropped_other_view"] += 1
-                    continue
-                images.append(image_entry(root / row["Path"].split("/", 1)[1], view))
+        # One pass over the rows (a groupby per study is minutes on the 223,414 rows).
+        images_of: dict[str, list[dict]] = {}
+        first_row: dict[str, tuple] = {}
+        base = str(root)
+        for row in zip(df["study"], df["Path"], views, df["patient"],
+                       *(df[k] for k in CHEXPERT_LABELS)):  # fmt: skip
+            study, path, view = row[0], row[1], row[2]
+            first_row.setdefault(study, row)
+            bucket = images_of.setdefault(study, [])
+            if view is None:
+                counts["images_dropped_other_view"] += 1
+                continue
+            bucket.append(image_entry(base + "/" + path.split("/", 1)[1], view))
+        for study, images in images_of.items():
             if not images:
                 counts["dropped_no_usable_image"] += 1
                 continue
@@ -69,10 +76,10 @@ def load_chexpert(root, cfg: dict, files=("train.csv", "valid.csv")) -> tuple[li
                 counts["studies_cut_to_max_images"] += 1
                 counts["images_cut"] += len(images) - max_images
                 images = images[:max_images]
-            first = rows.iloc[0]
-            labels = {k: label_value(first[k]) for k in CHEXPERT_LABELS}
-            split = by_patient[first["patient"]] if name.startswith("train") else "test"
-            records.append(study_record(f"chexpert-{study}", first["patient"], split, "chexpert",
-                                        labels, images))  # fmt: skip
+            row = first_row[study]
+            labels = {k: label_value(v) for k, v in zip(CHEXPERT_LABELS, row[4:])}
+            split = by_patient[row[3]] if name.startswith("train") else "test"
+            records.append(study_record(f"chexpert-{study}", row[3], split, "chexpert", labels,
+                                        images))  # fmt: skip
     counts["studies"] = len(records)
     return records, dict(counts)

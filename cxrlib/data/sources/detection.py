@@ -206,24 +206,30 @@ def load_vindr(root, cfg: dict) -> tuple[list[dict], dict]:
         counts[f"rows_{path.name}"] = len(df)
         split_of = _split_by(set(df["image_id"]), cfg) if split is None else None
         folder = "test" if split == "test" else "train"
-        for image_id, rows in df.groupby("image_id", sort=True):
-            positives, boxes = set(), []
-            for cls, group in rows.groupby("class_name", sort=True):
-                obs = VINDR_TO_CHEXPERT.get(cls)
-                if obs is None:
-                    counts["unmapped_rows"] += len(group)
-                    continue
-                positives.add(obs)
-                raw = group[["x_min", "y_min", "x_max", "y_max"]].dropna().values.tolist()
-                boxes += [finding_box(obs, b) for b in merge_reader_boxes(raw)]
-            path_img = next((root / folder / f"{image_id}{s}" for s in (".dicom", ".dcm")
-                             if (root / folder / f"{image_id}{s}").is_file()),
-                            root / folder / f"{image_id}.dicom")  # fmt: skip
+        # One pass over the rows: image -> class -> the readers' boxes.
+        per_image: dict[str, dict[str, list]] = {}
+        for image_id, cls, *box in zip(df["image_id"], df["class_name"], df["x_min"],
+                                       df["y_min"], df["x_max"], df["y_max"]):  # fmt: skip
+            classes = per_image.setdefault(image_id, {})
+            obs = VINDR_TO_CHEXPERT.get(cls)
+            if obs is None:
+                counts["unmapped_rows"] += 1
+                continue
+            boxes_of = classes.setdefault(obs, [])
+            if not np.isnan(box[0]):
+                boxes_of.append([float(v) for v in box])
+        for image_id in sorted(per_image):
+            classes = per_image[image_id]
+            boxes = [finding_box(obs, b) for obs in sorted(classes)
+                     for b in merge_reader_boxes(classes[obs])]  # fmt: skip
+            stem = root / folder / image_id
+            path_img = next((stem.with_suffix(s) for s in (".dicom", ".dcm")
+                             if stem.with_suffix(s).is_file()), stem.with_suffix(".dicom"))  # fmt: skip
             counts["boxes"] += len(boxes)
             # VinDr-CXR is posteroanterior chest radiographs; hw is read from the header later.
             records.append(study_record(
                 f"vindr-{image_id}", image_id, split or split_of[image_id], "vindr",
-                _labels(space, positives), [image_entry(path_img, "PA", None, boxes)],
+                _labels(space, set(classes)), [image_entry(path_img, "PA", None, boxes)],
                 label_space=space))  # fmt: skip
     counts["images"] = len(records)
     return records, dict(counts)
