@@ -5,9 +5,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import example_study
 
 from cxrlib.config import load_preset
-from cxrlib.data.conversations import example_study
 from cxrlib.data.datasets import ConversationDataset, build_datasets
 from cxrlib.data.mixture import MixtureError, mixture_weights
 from cxrlib.inference import generate_reports
