@@ -402,3 +402,26 @@ def test_sixteen_bit_png_is_windowed_not_clipped(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "x.png")
     image = read_image(tmp_path / "x.png")
     assert image.dtype == np.uint8 and (image == 255).mean() < 0.05
+
+
+# --- the official mixture -----------------------------------------------------------------------------
+def test_official_mixture_over_the_sources_present(mimic_root):
+    from cxrlib.data.mixture import group_shares
+    from cxrlib.data.sources.mixture import OFFICIAL_WEIGHTS
+
+    cfg = smoke(source="mimic_cxr", roots={"mimic_cxr": str(mimic_root)})
+    records, _ = load_sources(cfg, ["mimic_cxr"])
+    for k, im in enumerate(im for r in records for im in r["images"]):
+        im["index"] = k
+    with pytest.warns(UserWarning, match="official mixture: 47 of 50 training sets have no data"):
+        ds = ConversationDataset(records, None, None, cfg, split="train")
+    assert set(ds.weights) == {"cot_single@mimic_cxr", "cot_multi_image@mimic_cxr",
+                               "cot_multi_study@mimic_cxr"}  # fmt: skip
+    assert ds.weights["cot_single@mimic_cxr"] / ds.weights[
+        "cot_multi_image@mimic_cxr"
+    ] == pytest.approx(200 / 120)
+    assert group_shares(ds.weights) == {"report": pytest.approx(1.0)}
+    assert ds.conversation(0)["task"] in ("cot_single", "cot_multi_image", "cot_multi_study")
+    assert sum(OFFICIAL_WEIGHTS.values()) == pytest.approx(
+        380 + 62 + 21.1 + 11.1 + 10.6 + 14 + 3.2 + 84 + 40 + 78
+    )

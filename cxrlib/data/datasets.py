@@ -70,6 +70,7 @@ from cxrlib.data.sources import (
     open_image_store,
     selected_sources,
 )
+from cxrlib.data.sources.mixture import official_weights, uses_official_mixture
 from cxrlib.data.tokenize import collate, encode_conversation
 from cxrlib.labeler import label_report
 from cxrlib.utils import require_artifact
@@ -512,12 +513,20 @@ class ConversationDataset(torch.utils.data.Dataset):
             for task in supported_tasks(study, candidates):
                 self.pools[task].append(i)
         sizes = {t: len(p) for t, p in self.pools.items()}
-        if isinstance(tasks, dict):
+        name = mixture or cfg["data"]["mixture"]
+        if tasks is None and name == "paper" and uses_official_mixture(self.studies):
+            # Real sources: the release's (task, dataset) weights; pools keyed "task@source".
+            self.pools = {}
+            for i, study in enumerate(self.studies):
+                for task in supported_tasks(study, candidates):
+                    self.pools.setdefault(f"{task}@{study['source']}", []).append(i)
+            self.weights = official_weights({k: len(p) for k, p in self.pools.items()})
+        elif isinstance(tasks, dict):
             self.weights = mixture_weights(dict(tasks), sizes)
         elif tasks is not None:
             self.weights = mixture_weights(dict.fromkeys(tasks, 1.0), sizes)
         else:
-            self.weights = mixture_weights(mixture or cfg["data"]["mixture"], sizes)
+            self.weights = mixture_weights(name, sizes)
         self.sampler = TaskSampler(self.weights, seed)
         per_study = cfg["data"]["samples_per_study"] if split == "train" else 1
         self.length = length if length is not None else per_study * len(self.studies)
@@ -532,8 +541,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"item {i} out of range for a dataset of {self.length}")
         rng = np.random.default_rng([self.seed, i])
-        task = self.sampler.draw(rng)
-        pool = self.pools[task]
+        key = self.sampler.draw(rng)
+        task, pool = key.split("@", 1)[0], self.pools[key]  # "task" or "task@source"
         for _ in range(MAX_TRIES):  # a study may fail a task on an unlucky draw (rare)
             conv = build_conversation(task, self.studies[pool[int(rng.integers(len(pool)))]], rng)
             if conv is not None:

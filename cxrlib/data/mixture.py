@@ -129,7 +129,7 @@ def group_shares(weights: Mapping[str, float]) -> dict[str, float]:
     group_of = {t: g for g, tasks in TASK_GROUPS.items() for t in tasks}
     out: dict[str, float] = {}
     for task, w in weights.items():
-        g = group_of.get(task, "extra")
+        g = group_of.get(task.split("@", 1)[0], "extra")  # "task@source" on real data
         out[g] = out.get(g, 0.0) + w
     return out
 
