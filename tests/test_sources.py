@@ -1,6 +1,7 @@
 """The real-dataset adapters (cxrlib.data.sources) on fixture trees with the real file and column
 names, the label files torchxrayvision ships parsed in full, leakage guards, errors, images."""
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
 from cxrlib.data.__main__ import main as data_main
-from cxrlib.data.boxes import to_relative
+from cxrlib.data.boxes import format_box, to_relative
 from cxrlib.data.conversations import build_conversation
 from cxrlib.data.datasets import ConversationDataset, build_datasets, load_datasets
 from cxrlib.data.sources import (
@@ -255,11 +256,14 @@ def test_leakage_guard_removes_ms_cxr_images_and_mimic_test_images(mimic_root, t
     removed = counts["leakage_removed"]
     assert removed["mimic_cxr_train_studies_with_ms_cxr_images"] == 1
     assert removed["ms_cxr_train_images_in_mimic_test"] == 1
-    train_ids = {im["dicom_id"] for r in records if r["split"] != "test" for im in r["images"]}
     ms_ids = {im["dicom_id"] for r in records if r["source"] == "ms_cxr" for im in r["images"]}
-    test_ids = {im["dicom_id"] for r in records if r["split"] == "test" for im in r["images"]}
-    assert not (train_ids - ms_ids) & ms_ids and not {i for r in records if r["source"] == "ms_cxr"
-                                                     and r["split"] == "train" for i in [r["images"][0]["dicom_id"]]} & test_ids  # fmt: skip
+    mimic_train = {im["dicom_id"] for r in records if r["source"] == "mimic_cxr"
+                   and r["split"] != "test" for im in r["images"]}  # fmt: skip
+    mimic_test = {im["dicom_id"] for r in records if r["source"] == "mimic_cxr"
+                  and r["split"] == "test" for im in r["images"]}  # fmt: skip
+    ms_train = {r["images"][0]["dicom_id"] for r in records if r["source"] == "ms_cxr"
+                and r["split"] != "test"}  # fmt: skip
+    assert not mimic_train & ms_ids and not ms_train & mimic_test
     assert guard_leakage(records) == {}  # idempotent: nothing left to remove
 
 
@@ -425,3 +429,66 @@ def test_official_mixture_over_the_sources_present(mimic_root):
     assert sum(OFFICIAL_WEIGHTS.values()) == pytest.approx(
         380 + 62 + 21.1 + 11.1 + 10.6 + 14 + 3.2 + 84 + 40 + 78
     )
+
+
+# --- ChestX-Det10 and COVID-19 Radiography fixture trees ------------------------------------------------
+def test_chestx_det10_tree(tmp_path):
+    from cxrlib.data.sources.masks import load_chestx_det10
+
+    root = tmp_path / "det10"
+    (root / "train_data").mkdir(parents=True)
+    (root / "test_data").mkdir()
+    items = {"train": [{"file_name": "36199.png", "syms": ["Effusion", "Calcification"],
+                        "boxes": [[600, 700, 900, 950], [10, 10, 20, 20]]},
+                       {"file_name": "36200.png", "syms": [], "boxes": []}],
+             "test": [{"file_name": "40001.png", "syms": ["Nodule"], "boxes": [[100, 200, 150, 260]]}]}  # fmt: skip
+    for split, rows in items.items():
+        (root / f"{split}.json").write_text(json.dumps(rows))
+        for row in rows:
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(
+                root / f"{split}_data" / row["file_name"]
+            )
+    records, counts = load_chestx_det10(root, smoke())
+    by_id = {r["study_id"]: r for r in records}
+    assert counts["unmapped_Calcification"] == 1 and len(records) == 3
+    first = by_id["det10-36199"]
+    assert first["labels"]["Pleural Effusion"] == 1 and first["labels"]["Lung Lesion"] == 0
+    assert first["images"][0]["path"].endswith("train_data/36199.png")
+    assert by_id["det10-40001"]["split"] == "test"
+    conv = build_conversation(
+        "abnormality_detection", dict(first, images=[dict(first["images"][0], index=0)]), 0
+    )
+    assert (
+        conv["turns"][0]["assistant"]
+        == f"{format_box(to_relative([600, 700, 900, 950], (1024, 1024)))}."
+    )
+
+
+def test_covid19_radiography_masks_give_lung_boxes(tmp_path):
+    from cxrlib.data.sources.masks import load_covid19_radiography
+
+    root = tmp_path / "covid"
+    mask = np.zeros((256, 256), np.uint8)
+    mask[40:200, 30:110] = 255  # image-left part = the patient's right lung
+    mask[50:210, 150:230] = 255
+    for folder in ("COVID", "Normal", "Lung_Opacity", "Viral Pneumonia"):
+        (root / folder / "images").mkdir(parents=True)
+        (root / folder / "masks").mkdir()
+        name = f"{folder.replace(' ', '_')}-1.png"
+        Image.fromarray(np.zeros((299, 299), np.uint8)).save(root / folder / "images" / name)
+        Image.fromarray(mask).save(root / folder / "masks" / name)
+    records, counts = load_covid19_radiography(root, smoke())
+    assert len(records) == 4 and not counts.get("images_without_two_lungs")
+    organs = records[0]["images"][0]["organ_boxes"]
+    scale = 299 / 256
+    assert organs["right lung"] == pytest.approx(
+        [30 * scale, 40 * scale, 110 * scale, 200 * scale], abs=0.01
+    )
+    assert organs["left lung"][0] > organs["right lung"][2]
+    labels = {r["study_id"]: r["labels"] for r in records}
+    assert (
+        labels["covid-Normal-1"]["No Finding"] == 1
+        and labels["covid-Lung_Opacity-1"]["Lung Opacity"] == 1
+    )
+    study = dict(records[0], images=[dict(records[0]["images"][0], index=0)])
+    assert build_conversation("organ_grounding", study, 0) is not None

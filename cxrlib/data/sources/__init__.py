@@ -34,6 +34,12 @@ from cxrlib.data.sources.base import SourceError, SourceInfo, check_root, source
 from cxrlib.data.sources.chexpert import CHEXPERT, load_chexpert
 from cxrlib.data.sources.detection import RSNA, SIIM, VINDR, load_rsna, load_siim, load_vindr
 from cxrlib.data.sources.images import ImageFileError, ImageStore, image_size
+from cxrlib.data.sources.masks import (
+    CHESTX_DET10,
+    COVID19_RADIOGRAPHY,
+    load_chestx_det10,
+    load_covid19_radiography,
+)
 from cxrlib.data.sources.mimic import MIMIC, MS_CXR, load_mimic, load_ms_cxr
 from cxrlib.data.sources.nih import NIH, load_nih
 
@@ -42,13 +48,12 @@ __all__ = ["SourceError", "check_data_roots", "build_source_datasets", "selected
 PHANTOM = "iu_phantom"
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
-                                                      VINDR)}  # fmt: skip
+                                                      VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY)}  # fmt: skip
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
 NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "brax",
-                   "chestx_det10", "covid19_radiography", "jsrt", "qata_cov19", "covid_qu_ex",
-                   "slake")  # fmt: skip
+                   "jsrt", "qata_cov19", "covid_qu_ex", "slake")  # fmt: skip
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -58,6 +63,10 @@ LOADERS: dict[str, Callable] = {
     "rsna": lambda roots, cfg: load_rsna(roots["rsna"], cfg),
     "siim": lambda roots, cfg: load_siim(roots["siim"], cfg),
     "vindr": lambda roots, cfg: load_vindr(roots["vindr"], cfg),
+    "chestx_det10": lambda roots, cfg: load_chestx_det10(roots["chestx_det10"], cfg),
+    "covid19_radiography": lambda roots, cfg: load_covid19_radiography(
+        roots["covid19_radiography"], cfg
+    ),
 }  # fmt: skip
 MIMIC_DERIVED = ("mimic_cxr",)  # sources whose images are MIMIC's (MS-CXR guarded separately)
 
