@@ -238,6 +238,12 @@ def test_missing_image_files_are_an_error(mimic_root, tmp_path):
         )
 
 
+def test_more_than_five_images_is_an_error(mimic_root):
+    cfg = smoke(source="mimic_cxr", max_images_per_study=6, roots={"mimic_cxr": str(mimic_root)})
+    with pytest.raises(ValueError, match="use 1 to 5"):
+        check_data_roots(cfg)
+
+
 def test_unknown_source_is_an_error():
     with pytest.raises(SourceError, match="brax: no adapter yet"):
         check_data_roots(smoke(source="mimic_cxr+brax"))

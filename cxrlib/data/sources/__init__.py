@@ -46,6 +46,7 @@ from cxrlib.data.sources.nih import NIH, load_nih
 __all__ = ["SourceError", "check_data_roots", "build_source_datasets", "selected_sources"]
 
 PHANTOM = "iu_phantom"
+MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
                                                       VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY)}  # fmt: skip
@@ -104,6 +105,11 @@ def check_data_roots(cfg: dict) -> list[str]:
     names = selected_sources(cfg)
     if not names:
         return []
+    if not 1 <= cfg["data"]["max_images_per_study"] <= MAX_IMAGES:
+        raise ValueError(
+            f"data.max_images_per_study {cfg['data']['max_images_per_study']}: use 1 to "
+            f"{MAX_IMAGES} (the card's multi-image prompts take up to {MAX_IMAGES} images)"
+        )
     roots = cfg["data"].get("roots") or {}
     problems = []
     for name in names:
@@ -270,8 +276,20 @@ def source_stats(records: list[dict], counts: dict) -> dict:
             "images": {s: sum(len(r["images"]) for r in recs if r["split"] == s) for s in SPLITS},
             "task_sizes": task_sizes(recs),
         }
-    return {"sources": per_source, "adapter_counts": counts, "num_studies": len(records),
-            "studies_per_source": dict(Counter(r["source"] for r in records))}  # fmt: skip
+    from cxrlib.data.datasets import label_counts
+
+    lc = label_counts(records)
+    return {
+        "sources": per_source, "adapter_counts": counts, "num_studies": len(records),
+        "studies_per_source": dict(Counter(r["source"] for r in records)),
+        # the keys the phantom build's DatasetInfo has too (notebooks read them from stats.json)
+        "split_sizes": {s: sum(r["split"] == s for r in records) for s in SPLITS},
+        "split_sizes_by_source": {k: v["studies"] for k, v in per_source.items()},
+        "images_per_split": {s: sum(v["images"][s] for v in per_source.values()) for s in SPLITS},
+        "task_sizes": task_sizes(records),
+        "label_counts": lc,
+        "label_prevalence": {k: round(v / max(1, len(records)), 4) for k, v in lc.items()},
+    }  # fmt: skip
 
 
 def open_image_store(out_dir: Path, cfg: dict) -> ImageStore:
