@@ -280,6 +280,7 @@ def _link(src: str, root: Path, name: str) -> Path:
     return root
 
 
+@pytest.mark.slow  # 112k / 30k rows: several seconds on 2 shared cores
 def test_nih_label_files_in_full(tmp_path):
     root = _link("Data_Entry_2017_v2020.csv.gz", tmp_path / "nih", "Data_Entry_2017_v2020.csv.gz")
     _link("BBox_List_2017.csv.gz", root, "BBox_List_2017.csv.gz")
@@ -307,6 +308,7 @@ def test_chexpert_label_file_in_full(tmp_path):
         + counts.get("images_cut", 0) == len(df)  # fmt: skip
 
 
+@pytest.mark.slow  # 112k / 30k rows: several seconds on 2 shared cores
 def test_rsna_label_files_in_full(tmp_path):
     root = _link(
         "kaggle_stage_2_train_labels.csv.zip", tmp_path / "rsna", "stage_2_train_labels.csv.zip"
