@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import example_study
+from conftest import example_study, phantom_image
 
 from cxrlib.config import load_preset
 from cxrlib.data.datasets import ConversationDataset, build_datasets
@@ -55,7 +55,7 @@ def test_studies_without_images_are_counted_in_report_generation():
     """A study without images used to vanish from the evaluated set without a count."""
     with_images = example_study(with_prior=False)
     without = dict(example_study(with_prior=False), study_id="EMPTY", images=[])
-    images = np.zeros((2, 16, 16), np.uint8)
+    images = np.stack([phantom_image(0), phantom_image(1)])
     with pytest.warns(UserWarning, match="1 of 2 studies have no images.*EMPTY"):
         records = generate_reports(_EchoBackend(), [with_images, without], images, mode="single",
                                    max_new_tokens=4, progress=False)  # fmt: skip

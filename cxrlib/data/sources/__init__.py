@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cxrlib.config import save_config
+from cxrlib.constants import REAL_SOURCES
 from cxrlib.data.labels import SPLITS, save_splits
 from cxrlib.data.sources.base import SourceError, SourceInfo, check_root, source_error
 from cxrlib.data.sources.chexpert import CHEXPERT, load_chexpert
@@ -50,6 +51,7 @@ MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
                                                       VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY)}  # fmt: skip
+assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).

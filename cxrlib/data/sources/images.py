@@ -25,6 +25,8 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from cxrlib.model.processor import load_image, to_uint8
+
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -32,48 +34,30 @@ class ImageFileError(OSError):
     """An image file that is missing or cannot be decoded."""
 
 
-def to_uint8(pixels: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    """Window ``pixels`` to [low, high] (default: the 0.5 / 99.5 percentiles) and scale to uint8.
-
-    The percentiles keep a few saturated pixels (text, markers) from flattening the contrast of
-    a 12- or 16-bit image; clipping to 0-255 would saturate most of it.
-    """
-    pixels = np.asarray(pixels, dtype=np.float32)
-    if low is None or high is None:
-        low, high = np.percentile(pixels, [0.5, 99.5])
-    if high <= low:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round(np.clip((pixels - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-
-
 def read_dicom(path: str | Path) -> np.ndarray:
-    """A DICOM image as uint8: modality LUT, VOI LUT or percentiles, MONOCHROME1 inverted."""
+    """A DICOM image as uint8: modality LUT, then the VOI LUT (window) when the file has one,
+    else the image's 0.5-99.5 percentiles; MONOCHROME1 inverted (``to_uint8``)."""
     ds = pydicom.dcmread(str(path))
     pixels = apply_modality_lut(ds.pixel_array, ds)
+    if pixels.ndim == 3:  # a multi-frame or colour file: its first frame / channel
+        pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., 0]
+    invert = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        pixels = apply_voi_lut(pixels, ds)
-        out = to_uint8(pixels, float(np.min(pixels)), float(np.max(pixels)))
-    else:
-        out = to_uint8(pixels)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        out = 255 - out
-    if out.ndim == 3:  # a colour or multi-frame file: first frame, mean of channels
-        out = out[0] if out.shape[-1] not in (3, 4) else out[..., :3].mean(-1).astype(np.uint8)
-    return out
+        return to_uint8(apply_voi_lut(pixels, ds), window="range", invert=invert)
+    return to_uint8(pixels, window="percentiles", invert=invert)
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Any supported image file as a grayscale ``(H, W)`` uint8 array."""
+    """Any supported image file as a grayscale ``(H, W)`` uint8 array (PNG / JPG through
+    ``cxrlib.model.processor.load_image``, deeper than 8 bit windowed to the 0.5-99.5
+    percentiles; DICOM through ``read_dicom``)."""
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"image file {path} does not exist (moved, or not downloaded?)")
     try:
         if path.suffix.lower() in DICOM_SUFFIXES:
             return read_dicom(path)
-        with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit PNG: window, never clip
-                return to_uint8(np.asarray(im))
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+        return load_image(path, window="percentiles")
     except (OSError, ValueError, pydicom.errors.InvalidDicomError) as e:
         raise ImageFileError(f"cannot decode image {path}: {e}") from e
 
