@@ -44,7 +44,10 @@ def source_error(info: SourceInfo, problem: str, expected: str | None = None) ->
     if expected:
         lines.append(f"  expected: {expected}")
     lines.append(f"  get it from: {info.page}")
-    lines.append(f"  then set the preset key: --set data.roots.{info.name}=/path/to/its/root")
+    lines.append(
+        f"  then set the preset key data.roots.{info.name} (in a preset YAML, or "
+        f"--set data.roots.{info.name}=/path/to/its/root with python -m cxrlib.data)"
+    )
     return SourceError("\n".join(lines))
 
 
