@@ -22,7 +22,7 @@ PHASE1_SOURCES = ("iu", "mimic_cxr")
 
 
 class Phase1Pairs(Dataset):
-    """Phase-1 "report only" pairs: every frontal image of the training split's IU studies.
+    """Phase-1 "report only" pairs: every frontal image of the split's IU (or MIMIC-CXR) studies.
 
     Items are encoded conversations (``<image>`` -> Findings) plus the row of the image's cached
     features (or the raw image when the encoder trains and features cannot be cached).

@@ -509,18 +509,17 @@ class ConversationDataset(torch.utils.data.Dataset):
         check_tasks(candidates)
         check_max_images(self.studies)  # warns: the card uses at most 5 images per study
         self.pools = {t: [] for t in candidates}
+        per_source: dict[str, list[int]] = {}  # "task@source" -> studies (the official mixture)
         for i, study in enumerate(self.studies):
             for task in supported_tasks(study, candidates):
                 self.pools[task].append(i)
+                per_source.setdefault(f"{task}@{study['source']}", []).append(i)
         sizes = {t: len(p) for t, p in self.pools.items()}
         name = mixture or cfg["data"]["mixture"]
         if tasks is None and name == "paper" and uses_official_mixture(self.studies):
-            # Real sources: the release's (task, dataset) weights; pools keyed "task@source".
-            self.pools = {}
-            for i, study in enumerate(self.studies):
-                for task in supported_tasks(study, candidates):
-                    self.pools.setdefault(f"{task}@{study['source']}", []).append(i)
-            self.weights = official_weights({k: len(p) for k, p in self.pools.items()})
+            # Real sources: the release's (task, dataset) weights over "task@source" pools.
+            self.pools = per_source
+            self.weights = official_weights({k: len(p) for k, p in per_source.items()})
         elif isinstance(tasks, dict):
             self.weights = mixture_weights(dict(tasks), sizes)
         elif tasks is not None:
