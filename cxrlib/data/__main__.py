@@ -15,27 +15,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import yaml
-
-from cxrlib.config import PRESETS, ConfigError, load_preset
+from cxrlib.config import load_preset, parse_overrides
 from cxrlib.data.datasets import build_datasets
 from cxrlib.data.labels import SPLITS
 from cxrlib.data.sources import SourceError, check_data_roots
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """``["data.roots.nih=/x", ...]`` -> ``{"data": {"roots": {"nih": "/x"}}}`` (YAML values)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key.path=value, got '{item}'")
-        key, value = item.split("=", 1)
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 def summary_table(stats: dict) -> str:
@@ -62,7 +45,7 @@ def summary_table(stats: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Build a preset's datasets and print a summary.")
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--preset", default="tiny", help="smoke, tiny, paper or a preset YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a preset value, e.g. data.roots.mimic_cxr=/data/mimic")  # fmt: skip
     parser.add_argument("--out", required=True, help="folder to write the records into")

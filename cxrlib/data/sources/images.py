@@ -5,9 +5,9 @@ to files and ``ImageStore`` behaves like the ``images.npy`` array of the phantom
 ``store[i]`` is image ``i`` as a grayscale ``(H, W)`` uint8 array, ``len(store)`` the count.
 
 - PNG / JPG: Pillow, converted to 8-bit grayscale (16-bit PNGs are windowed, not clipped).
-- DICOM: ``pydicom``; the modality LUT (rescale slope / intercept) is applied, then the VOI LUT
-  (window centre / width) when the file has one, else the image's own 0.5-99.5 percentiles; a
-  ``MONOCHROME1`` image (white = low values) is inverted so bone is bright, as in MONOCHROME2.
+- DICOM: ``pydicom`` (through ``cxrlib.model.processor.load_image``, the project's one reader):
+  the modality LUT (rescale slope / intercept), the VOI LUT (window) when the file has one, then
+  the image's 0.5-99.5 percentiles; a ``MONOCHROME1`` image is inverted so bone is bright.
 - Cache (``cache_dir``): each image, once decoded, is resized so its short side is
   ``cache_short_side`` (the encoder's ``image_size``) and saved as a PNG; later epochs read that
   small file. The processor resizes shortest-edge anyway, and boxes are relative to the short
@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from cxrlib.model.processor import load_image, to_uint8
+from cxrlib.model.processor import load_image
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -34,31 +33,16 @@ class ImageFileError(OSError):
     """An image file that is missing or cannot be decoded."""
 
 
-def read_dicom(path: str | Path) -> np.ndarray:
-    """A DICOM image as uint8: modality LUT, then the VOI LUT (window) when the file has one,
-    else the image's 0.5-99.5 percentiles; MONOCHROME1 inverted (``to_uint8``)."""
-    ds = pydicom.dcmread(str(path))
-    pixels = apply_modality_lut(ds.pixel_array, ds)
-    if pixels.ndim == 3:  # a multi-frame or colour file: its first frame / channel
-        pixels = pixels[0] if pixels.shape[-1] not in (3, 4) else pixels[..., 0]
-    invert = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        return to_uint8(apply_voi_lut(pixels, ds), window="range", invert=invert)
-    return to_uint8(pixels, window="percentiles", invert=invert)
-
-
 def read_image(path: str | Path) -> np.ndarray:
-    """Any supported image file as a grayscale ``(H, W)`` uint8 array (PNG / JPG through
-    ``cxrlib.model.processor.load_image``, deeper than 8 bit windowed to the 0.5-99.5
-    percentiles; DICOM through ``read_dicom``)."""
+    """Any supported image file as a grayscale ``(H, W)`` uint8 array, through the project's one
+    reader ``cxrlib.model.processor.load_image`` (DICOM modality and VOI LUTs, MONOCHROME1
+    inverted), deeper than 8 bit windowed to the 0.5-99.5 percentiles."""
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"image file {path} does not exist (moved, or not downloaded?)")
     try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            return read_dicom(path)
         return load_image(path, window="percentiles")
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError) as e:
+    except (OSError, ValueError) as e:  # ImageError is a ValueError
         raise ImageFileError(f"cannot decode image {path}: {e}") from e
 
 
