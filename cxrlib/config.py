@@ -53,7 +53,13 @@ from pydantic import (
     field_validator,
 )
 
-from cxrlib.constants import EXTRA_TASKS, LORA_TARGETS, TASK_GROUPS, TRAINABLE_PARTS
+from cxrlib.constants import (
+    EXTRA_TASKS,
+    LORA_TARGETS,
+    REAL_SOURCES,
+    TASK_GROUPS,
+    TRAINABLE_PARTS,
+)
 from cxrlib.data.mixture import MIXTURES
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -73,7 +79,9 @@ SCHEDULES = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
-DATA_SOURCES = ("iu_phantom",)  # cxrlib.data.datasets.build_dataset
+# data.source: the phantom path, `paper` (every real source with a root), or real sources joined
+# by "+" (cxrlib.data.sources).
+DATA_SOURCES = ("iu_phantom", "paper", *REAL_SOURCES)
 TASKS = tuple(t for group in TASK_GROUPS.values() for t in group) + tuple(EXTRA_TASKS)
 
 
@@ -96,8 +104,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DataRoots(_Section):
+    """``data.roots``: each real dataset's root folder (null = not available)."""
+
+    mimic_cxr: StrictStr | None
+    ms_cxr: StrictStr | None
+    nih: StrictStr | None
+    chexpert: StrictStr | None
+    rsna: StrictStr | None
+    siim: StrictStr | None
+    vindr: StrictStr | None
+    chestx_det10: StrictStr | None
+    covid19_radiography: StrictStr | None
+
+
+assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"
+
+
 class DataSection(_Section):
-    source: Literal[DATA_SOURCES]
+    source: StrictStr
+    roots: DataRoots
+    mimic_labels: Literal["chexpert", "negbio"]
+    image_cache: StrictStr | None
     max_studies: PositiveInt | None
     render_size: Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
     val_fraction: Fraction
@@ -107,6 +135,20 @@ class DataSection(_Section):
     max_images_per_study: PositiveInt
     samples_per_study: PositiveInt
     mixture: Any  # a name of MIXTURES or {task: weight >= 0}; checked below (one message)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value):
+        names = value.split("+")
+        if value in ("iu_phantom", "paper"):
+            return value
+        unknown = [n for n in names if n not in REAL_SOURCES]
+        if unknown:
+            raise ValueError(
+                f"unknown source(s) {unknown}; choose iu_phantom, paper, or names of "
+                f"{', '.join(REAL_SOURCES)} joined by '+' (docs/datasets.md)"
+            )
+        return value
 
     @field_validator("mixture")
     @classmethod

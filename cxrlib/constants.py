@@ -120,3 +120,7 @@ TRAINABLE_PARTS = ("projector", "lora", "encoder", "llm")
 # The linear layers of a Mistral decoder block that ``lora.target_modules`` may name (attention
 # q/k/v/o and the gated MLP); tests check this against the modules of a built model.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The real datasets with an adapter (``cxrlib.data.sources``; keys of ``data.roots``).
+REAL_SOURCES = ("mimic_cxr", "ms_cxr", "nih", "chexpert", "rsna", "siim", "vindr", "chestx_det10",
+                "covid19_radiography")  # fmt: skip

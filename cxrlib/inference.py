@@ -22,6 +22,7 @@ inference cannot drift apart. The answers are read by ``cxrlib.answers`` (``pars
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,6 +485,10 @@ def generate_reports(
         ``fallback``, ``reference``, ``findings_text`` (turn-1 answer or None), ``findings``
         (parsed list or None if malformed), ``report`` (the final answer).
     """
+    without = [s["study_id"] for s in studies if not s.get("images")]
+    if without:  # report_requests makes no chat for them: say so, never shrink the set silently
+        warnings.warn(f"{len(without)} of {len(studies)} studies have no images and are left out "
+                      f"of {mode} report generation (e.g. {', '.join(without[:3])})", stacklevel=2)  # fmt: skip
     chats = [c for s in studies for c in report_requests(s, images, mode, cot)]
     if frontal_only and mode == "single":
         chats = [c for c in chats if c.meta["views"][0] in FRONTAL_VIEWS]

@@ -433,7 +433,8 @@ def test_paper_geometry_one_step_of_every_stage(tmp_path):
     small = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
     one = {"steps": 1, "warmup_steps": 0}
     cfg = load_preset("paper", {
-        "data": {"max_studies": 12, "longitudinal_patients": 3},
+        "data": {"max_studies": 12, "longitudinal_patients": 3, "source": "iu_phantom",
+                 "max_images_per_study": 2},  # PhantomCXR: no real data here
         "encoder": {"hf_id": None, **small},
         "projector": {"hidden_size": 32, "depth": 1},
         "llm": {"hf_id": None, "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,

@@ -16,9 +16,13 @@ from cxrlib.data.conversations import build_conversation
 from cxrlib.data.tokenize import collate, encode_conversation
 from cxrlib.model import ImageProcessor
 
+# Phase 1's single-image report data: IU studies on the phantom path (not the longitudinal set),
+# MIMIC-CXR on real data (the card: "MIMIC-CXR single images, report only").
+PHASE1_SOURCES = ("iu", "mimic_cxr")
+
 
 class Phase1Pairs(Dataset):
-    """Phase-1 "report only" pairs: every frontal image of the training split's IU studies.
+    """Phase-1 "report only" pairs: every frontal image of the split's IU (or MIMIC-CXR) studies.
 
     Items are encoded conversations (``<image>`` -> Findings) plus the row of the image's cached
     features (or the raw image when the encoder trains and features cannot be cached).
@@ -30,12 +34,13 @@ class Phase1Pairs(Dataset):
         tokenizer,
         cfg: dict,
         split: str = "train",
-        source: str | None = "iu",
+        source: str | tuple[str, ...] | None = PHASE1_SOURCES,
         allow_empty: bool = False,
     ):
         self.items, self.image_indices = [], []
+        sources = (source,) if isinstance(source, str) else source
         for s in studies:
-            if s["split"] != split or (source and s["source"] != source):
+            if s["split"] != split or (sources and s["source"] not in sources):
                 continue
             for im in s["images"]:
                 if im["view"] not in FRONTAL_VIEWS:

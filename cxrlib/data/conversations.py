@@ -283,6 +283,8 @@ def _image_hw(image: dict) -> tuple[int, int]:
 
 def finding_boxes(image: dict) -> dict[str, list[list[int]]]:
     """Visible 0-100 boxes of the POSITIVE findings on ``image``, by observation (card order)."""
+    if not image.get("finding_boxes"):
+        return {}  # real images without boxes may not know their size (``hw`` None)
     hw = _image_hw(image)
     out: dict[str, list[list[int]]] = {}
     for item in image.get("finding_boxes", []):
@@ -298,6 +300,8 @@ def finding_boxes(image: dict) -> dict[str, list[list[int]]]:
 
 def organ_boxes(image: dict) -> dict[str, list[int]]:
     """Visible 0-100 organ boxes of ``image`` (``left lung``, ``right lung``, ``heart``)."""
+    if not image.get("organ_boxes"):
+        return {}
     hw = _image_hw(image)
     out = {}
     for organ in ORGANS:
@@ -316,9 +320,16 @@ def negative_observations(study: dict) -> list[str]:
     labels = study.get("labels", {})
     return [
         LABEL_OF[f]
-        for f in COT_FINDINGS
+        for f in labelled_findings(study)
         if labels.get(LABEL_OF[f]) not in (POSITIVE, UNCERTAIN) and LABEL_OF[f] not in mentioned
     ]
+
+
+def labelled_findings(study: dict) -> list[str]:
+    """The lowercase findings a study's source labels (``label_space``; all 13 when absent): a
+    finding outside it is unknown (NIH labels no fracture), never a negative."""
+    space = study.get("label_space")
+    return COT_FINDINGS if space is None else [f for f in COT_FINDINGS if LABEL_OF[f] in space]
 
 
 def split_sentences(text: str) -> list[str]:
@@ -432,7 +443,9 @@ def build_single_disease(study, rng):
         return None
     labels = study["labels"]
     present = [f for f in COT_FINDINGS if labels.get(LABEL_OF[f]) in (POSITIVE, UNCERTAIN)]
-    absent = [f for f in COT_FINDINGS if f not in present]
+    absent = [f for f in labelled_findings(study) if f not in present]
+    if not present and not absent:
+        return None
     pool = present if present and (not absent or rng.random() < 0.5) else absent
     finding = _pick(rng, pool)
     value = labels.get(LABEL_OF[finding])
@@ -450,8 +463,8 @@ def build_single_disease(study, rng):
 
 def build_multi_label(study, rng):
     """Multi-label classification: the CoT turn-1 question and answer as a task of its own."""
-    if not study.get("images"):
-        return None
+    if not study.get("images") or labelled_findings(study) != COT_FINDINGS:
+        return None  # the question lists all 13 findings: the source must label all of them
     image = _pick(rng, study["images"])
     question = _join(
         image_prefix(1), COT_QUESTION.format(target="radiology image", findings=FINDINGS_LIST)
@@ -593,6 +606,10 @@ def _phrase_candidates(study):
     phrases: dict[str, str | None] = {}
     by_obs = {f["observation"]: f for f in study.get("findings", []) if f.get("status", 1) == 1}
     for im in _frontal(study):
+        for item in im.get("phrase_boxes", []):  # sources that pair phrases with boxes (MS-CXR)
+            rel = [to_relative(b, _image_hw(im)) for b in item["boxes"]]
+            if rel and all(is_visible(b) for b in rel):
+                out.append((im, item["observation"], sorted(rel), item["phrase"]))
         for obs, rel in finding_boxes(im).items():
             if obs not in phrases:
                 finding = by_obs.get(obs, {"observation": obs})

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -63,6 +64,13 @@ from cxrlib.data.labels import (
 from cxrlib.data.longitudinal import build_longitudinal
 from cxrlib.data.mixture import MIXTURE_TASKS, TaskSampler, check_tasks, mixture_weights
 from cxrlib.data.phantom import render
+from cxrlib.data.sources import (
+    IMAGE_FILES,
+    build_source_datasets,
+    open_image_store,
+    selected_sources,
+)
+from cxrlib.data.sources.mixture import official_weights, uses_official_mixture
 from cxrlib.data.tokenize import collate, encode_conversation
 from cxrlib.labeler import label_report
 from cxrlib.utils import require_artifact
@@ -70,6 +78,8 @@ from cxrlib.utils import require_artifact
 MADE_BY = NOTEBOOKS["data"]
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
+PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
+MAX_IMAGES_PER_CONVERSATION = 5  # the card: multi-image prompts use up to 5 images of a study
 
 
 @dataclass
@@ -196,8 +206,12 @@ def _check_cfg(cfg: dict) -> dict:
         raise ValueError(
             "cfg has no data.render_size: pass a resolved preset (cxrlib.config.load_preset)"
         ) from None
-    if data.get("source", "iu_phantom") != "iu_phantom":
-        raise ValueError(f"data.source '{data['source']}' is not supported; use 'iu_phantom'")
+    if data["max_images_per_study"] > PHANTOM_MAX_IMAGES:
+        raise ValueError(
+            f"data.max_images_per_study {data['max_images_per_study']}: IU-Phantom renders at most "
+            f"{PHANTOM_MAX_IMAGES} images per study (frontal + lateral); set it to 1 or 2, or use "
+            f"a real source with more views (data.source: mimic_cxr, docs/datasets.md)"
+        )
     if len(size) != 2 or min(size) < 16:
         raise ValueError(f"data.render_size {size} is impossible: need [height, width] >= 16")
     if data["max_studies"] is not None and data["max_studies"] < 1:
@@ -229,6 +243,8 @@ def build_datasets(
     Returns:
         A ``DatasetInfo`` with sizes, split sizes, task sizes, label prevalence and timings.
     """
+    if selected_sources(cfg):  # a real dataset: its adapters (cxrlib.data.sources)
+        return build_source_datasets(cfg, out_dir)
     start = time.perf_counter()
     data = _check_cfg(cfg)
     seed = int(cfg.get("seed", 0))
@@ -399,9 +415,14 @@ def load_datasets(out_dir: str | Path) -> Datasets:
         ValueError: the files disagree (an interrupted build): rebuild.
     """
     out_dir = Path(out_dir)
+    real = (out_dir / IMAGE_FILES).exists()  # a real-source build: images stay files
     for name in FILES:
-        require_artifact(out_dir / name, made_by=MADE_BY)
-    images = np.load(out_dir / "images.npy", mmap_mode="r")
+        if not (real and name == "images.npy"):
+            require_artifact(out_dir / name, made_by=MADE_BY)
+    if real:
+        images = open_image_store(out_dir, load_config(out_dir))
+    else:
+        images = np.load(out_dir / "images.npy", mmap_mode="r")
     with open(out_dir / "studies.jsonl") as f:
         studies = [json.loads(line) for line in f if line.strip()]
     splits = json.loads((out_dir / "splits.json").read_text())
@@ -416,6 +437,22 @@ def load_datasets(out_dir: str | Path) -> Datasets:
                          f"rerun notebook {MADE_BY}")  # fmt: skip
     stats = json.loads((out_dir / "stats.json").read_text())
     return Datasets(studies, images, splits, load_config(out_dir), stats)
+
+
+def check_max_images(studies: list[dict], limit: int = MAX_IMAGES_PER_CONVERSATION) -> int:
+    """Warn when studies have more images than a report conversation uses (the card: 5).
+
+    Returns the number of such studies (0: nothing is cut)."""
+    over = [
+        s for s in studies for st in (s, s.get("prior") or {}) if len(st.get("images", [])) > limit
+    ]
+    if over:
+        cut = sum(len(st.get("images", [])) - limit for s in over
+                  for st in (s, s.get("prior") or {}) if len(st.get("images", [])) > limit)  # fmt: skip
+        warnings.warn(f"{len(over)} studies have more than {limit} images: report conversations use "
+                      f"the first {limit} of each ({cut} images left out of multi-image prompts)",
+                      stacklevel=3)  # fmt: skip
+    return len(over)
 
 
 def _all_images(study: dict) -> list[dict]:
@@ -470,17 +507,25 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.max_length = cfg["llm"]["max_length"]
         candidates = list(tasks) if tasks is not None else list(MIXTURE_TASKS)
         check_tasks(candidates)
+        check_max_images(self.studies)  # warns: the card uses at most 5 images per study
         self.pools = {t: [] for t in candidates}
+        per_source: dict[str, list[int]] = {}  # "task@source" -> studies (the official mixture)
         for i, study in enumerate(self.studies):
             for task in supported_tasks(study, candidates):
                 self.pools[task].append(i)
+                per_source.setdefault(f"{task}@{study['source']}", []).append(i)
         sizes = {t: len(p) for t, p in self.pools.items()}
-        if isinstance(tasks, dict):
+        name = mixture or cfg["data"]["mixture"]
+        if tasks is None and name == "paper" and uses_official_mixture(self.studies):
+            # Real sources: the release's (task, dataset) weights over "task@source" pools.
+            self.pools = per_source
+            self.weights = official_weights({k: len(p) for k, p in per_source.items()})
+        elif isinstance(tasks, dict):
             self.weights = mixture_weights(dict(tasks), sizes)
         elif tasks is not None:
             self.weights = mixture_weights(dict.fromkeys(tasks, 1.0), sizes)
         else:
-            self.weights = mixture_weights(mixture or cfg["data"]["mixture"], sizes)
+            self.weights = mixture_weights(name, sizes)
         self.sampler = TaskSampler(self.weights, seed)
         per_study = cfg["data"]["samples_per_study"] if split == "train" else 1
         self.length = length if length is not None else per_study * len(self.studies)
@@ -495,8 +540,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"item {i} out of range for a dataset of {self.length}")
         rng = np.random.default_rng([self.seed, i])
-        task = self.sampler.draw(rng)
-        pool = self.pools[task]
+        key = self.sampler.draw(rng)
+        task, pool = key.split("@", 1)[0], self.pools[key]  # "task" or "task@source"
         for _ in range(MAX_TRIES):  # a study may fail a task on an unlucky draw (rare)
             conv = build_conversation(task, self.studies[pool[int(rng.integers(len(pool)))]], rng)
             if conv is not None:

@@ -20,8 +20,9 @@ Named mixtures (``MIXTURES``; ``cfg["data"]["mixture"]``):
   proportions inside each third (so only the group shares change, as in the ablation).
 - ``proportional``: weight proportional to each task's size (``sizes``).
 
-A task with no data (size 0 or missing from ``sizes``) is dropped and the rest renormalised, with
-a warning (e.g. ``cot_multi_study`` when a dataset has no longitudinal studies). Introduced in
+A task of a named mixture with no data (size 0 or missing from ``sizes``) is dropped and the rest
+renormalised, with a warning (e.g. ``cot_multi_study`` when a dataset has no longitudinal
+studies); a task given by name in a dict of weights with no data is an error. Introduced in
 notebook 01; the training engine (``cxrlib.train``) samples tasks through ``ConversationDataset``.
 """
 
@@ -104,6 +105,11 @@ def mixture_weights(
         raise MixtureError(f"mixture weights must be >= 0, got {weights}")
     if sizes is not None:
         empty = [t for t, w in weights.items() if w > 0 and sizes.get(t, 0) <= 0]
+        if empty and isinstance(name, Mapping):  # tasks asked for by name: never drop silently
+            raise MixtureError(
+                f"task(s) {', '.join(empty)} of the given weights have no data (no study can make "
+                f"them; sizes {dict(sizes)}): remove them from the weights or build data with them"
+            )
         if empty:
             warnings.warn(
                 f"mixture '{name}': no data for {', '.join(empty)}; their share is "
@@ -123,7 +129,7 @@ def group_shares(weights: Mapping[str, float]) -> dict[str, float]:
     group_of = {t: g for g, tasks in TASK_GROUPS.items() for t in tasks}
     out: dict[str, float] = {}
     for task, w in weights.items():
-        g = group_of.get(task, "extra")
+        g = group_of.get(task.split("@", 1)[0], "extra")  # "task@source" on real data
         out[g] = out.get(g, 0.0) + w
     return out
 
