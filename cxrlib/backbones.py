@@ -29,9 +29,18 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import Dataset
 
-from cxrlib.constants import COT_FINDINGS, LABEL_OF, NOTEBOOKS, ORGANS, POSITIVE, SYSTEM_TEXT
+from cxrlib.constants import (
+    COT_FINDINGS,
+    LABEL_OF,
+    NOTEBOOKS,
+    ORGANS,
+    POSITIVE,
+    REPORT_SOURCES,
+    SYSTEM_TEXT,
+)
 from cxrlib.data import conversations as C
 from cxrlib.data.boxes import format_boxes
+from cxrlib.data.datasets import load_datasets
 from cxrlib.engine import causal_lm_loss
 from cxrlib.utils import require_artifact
 
@@ -48,17 +57,25 @@ def read_studies(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def read_images(out_dir: str | Path) -> np.ndarray:
-    """All images of the dataset, ``(N, H, W)`` uint8, memory-mapped."""
-    path = require_artifact(Path(out_dir) / "data" / "images.npy", made_by=NOTEBOOKS["data"])
+def read_images(out_dir: str | Path):
+    """All images of the dataset, indexable ``(N, H, W)`` uint8: ``images.npy`` memory-mapped
+    (the synthetic data), or the lazy file store of a real dataset (``image_files.json``)."""
+    data = Path(out_dir) / "data"
+    if not (data / "images.npy").exists() and (data / "image_files.json").exists():
+        return load_datasets(data).images
+    path = require_artifact(data / "images.npy", made_by=NOTEBOOKS["data"])
     return np.load(path, mmap_mode="r")
 
 
-def report_corpus(studies: Sequence[dict], split: str = "train", source: str = "iu") -> list[str]:
-    """Findings and impressions of one split's studies (one string each, empty ones skipped)."""
+def report_corpus(
+    studies: Sequence[dict], split: str = "train", sources: Sequence[str] | None = REPORT_SOURCES
+) -> list[str]:
+    """Findings and impressions of one split's studies (one string each, empty ones skipped),
+    from the sources with written reports (IU X-ray, MIMIC-CXR; not the synthetic longitudinal
+    follow-ups); ``sources=None`` takes every study."""
     texts = []
     for s in studies:
-        if s["split"] == split and (source is None or s["source"] == source):
+        if s["split"] == split and (sources is None or s["source"] in sources):
             texts += [t.strip() for t in (s.get("findings_text"), s.get("impression")) if t]
     return [t for t in texts if t]
 

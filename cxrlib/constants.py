@@ -122,5 +122,7 @@ TRAINABLE_PARTS = ("projector", "lora", "encoder", "llm")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The real datasets with an adapter (``cxrlib.data.sources``; keys of ``data.roots``).
+# The sources whose studies have written reports (phase-1 pairs, the small LM's corpus).
+REPORT_SOURCES = ("iu", "mimic_cxr")
 REAL_SOURCES = ("mimic_cxr", "ms_cxr", "nih", "chexpert", "rsna", "siim", "vindr", "chestx_det10",
                 "covid19_radiography")  # fmt: skip

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxrlib.constants import FRONTAL_VIEWS
+from cxrlib.constants import FRONTAL_VIEWS, REPORT_SOURCES
 from cxrlib.data.conversations import build_conversation
 from cxrlib.data.tokenize import collate, encode_conversation
 from cxrlib.model import ImageProcessor
 
 # Phase 1's single-image report data: IU studies on the phantom path (not the longitudinal set),
 # MIMIC-CXR on real data (the card: "MIMIC-CXR single images, report only").
-PHASE1_SOURCES = ("iu", "mimic_cxr")
+PHASE1_SOURCES = REPORT_SOURCES  # phase-1 pairs need a written Findings section
 
 
 class Phase1Pairs(Dataset):
