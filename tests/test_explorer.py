@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import dicom_bytes
 from PIL import Image
 
 from cxrlib.explorer import describe_image, read_image_file
@@ -22,23 +23,7 @@ def _encoded(image: np.ndarray, fmt: str, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def _dicom(values: np.ndarray, photometric: str = "MONOCHROME2") -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns = values.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = values.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+_dicom = dicom_bytes
 
 
 def test_png_round_trip_and_rgb_becomes_gray():

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import dicom_bytes
 from PIL import Image
 
 from cxrlib.data.labels import Finding
@@ -146,20 +147,8 @@ def test_load_image_reads_16_bit_png_and_dicom(tmp_path):
     Image.fromarray(phantom()).save(tmp_path / "x8.png")
     assert (load_image(tmp_path / "x8.png") == phantom()).all()
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows, ds.Columns = image.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (4095 - image).tobytes()  # MONOCHROME1: bone dark
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    # MONOCHROME1: bone dark
+    (tmp_path / "x.dcm").write_bytes(dicom_bytes(4095 - image, "MONOCHROME1"))
     assert np.abs(load_image(tmp_path / "x.dcm").astype(int) - stretched).max() <= 1
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.png")

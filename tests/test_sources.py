@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torchxrayvision
+from conftest import dicom_bytes
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
@@ -390,18 +389,7 @@ def test_readers_boxes_are_merged():
 
 
 def _write_dicom(path: Path, pixels: np.ndarray, photometric: str, slope=1.0, intercept=0.0):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.ViewPosition = "PA"
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
+    path.write_bytes(dicom_bytes(pixels, photometric, slope, intercept))
 
 
 def test_dicom_modality_lut_and_monochrome1(tmp_path):
