@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrlib.backbones import read_studies, stage_tokenizer
+from cxrlib.answers import parse_grounding
+from cxrlib.backbones import read_studies
 from cxrlib.config import load_preset
 from cxrlib.data.conversations import build_conversation
 from cxrlib.data.text_instructions import to_text_conversation
 from cxrlib.data.tokenize import encode_prompt
-from cxrlib.inference import parse_grounding
 from cxrlib.model import build_llm
+from cxrlib.phases import stage_tokenizer
 
 TASKS = ("organ_grounding", "finding_grounding", "single_disease", "multi_label", "vqa",
          "grounded_organ")  # fmt: skip
