@@ -242,7 +242,8 @@ def cot_inference(m: dict, cfg: dict) -> list[str]:
             + (
                 "this model trained on it."
                 if m.get("direct_trained")
-                else "this model never trained on it (the mixture has CoT reports only), so it "
+                else "this model never trained on it with an image (the phase-2 mixture has CoT "
+                "reports only; the small LM met the prompt only in its text-only corpus), so it "
                 "is not the paper's no-CoT ablation, which trains a model on direct reports."
             )
         )
