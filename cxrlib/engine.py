@@ -30,7 +30,7 @@ import resource
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from transformers import get_scheduler
 
 from cxrlib.config import ConfigError, save_config
 from cxrlib.constants import IGNORE_INDEX
-from cxrlib.optim_groups import part_param_groups
+from cxrlib.optim_groups import param_groups, part_param_groups
 
 EXPLODE_FACTOR = 10.0  # a loss this many times the first step's loss means the run diverged
 KEEP_CHECKPOINTS = 2  # older checkpoints of a stage are deleted
@@ -365,16 +365,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1].parent if done else None
 
 
-def _param_groups(params: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float):
-    """Weight decay on matrices only (not on biases, norms or positional vectors), as HF does."""
-    decay = [p for n, p in params if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "norm" not in n.lower())]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after ``step`` (a run interrupted after its last checkpoint logged them)."""
     if path.exists():
@@ -452,7 +442,7 @@ def train(
     if hp.lr_scale:  # a learning rate per model part (train.<stage>.lr_scale)
         groups = part_param_groups(named, hp.weight_decay, hp.lr, hp.lr_scale)
     else:
-        groups = _param_groups(named, hp.weight_decay)
+        groups = param_groups(named, hp.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=hp.lr)
     scheduler = get_scheduler(
         hp.schedule, optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=hp.steps

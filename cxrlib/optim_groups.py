@@ -1,4 +1,4 @@
-"""Optimiser parameter groups with a learning rate per model part (issue 14).
+"""Optimiser parameter groups: decayed or not, and optionally a learning rate per model part.
 
 Phase 2 trains LoRA, the projector and the pre-trained encoder together. One learning rate for
 all of them (LoRA's 1e-3) moves the encoder, pre-trained in notebook 02, as fast as freshly
@@ -32,9 +32,19 @@ def part_of(name: str) -> str:
     return head if head in PARTS else "other"
 
 
-def _decays(name: str, p: torch.nn.Parameter) -> bool:
+def decays(name: str, p: torch.nn.Parameter) -> bool:
     """Weight decay on matrices only (not on biases, norms or positional vectors), as HF does."""
     return p.ndim >= 2 and "norm" not in name.lower()
+
+
+def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list:
+    """The two AdamW groups of one learning rate: decayed matrices, then everything else."""
+    decay = [p for n, p in named if decays(n, p)]
+    no_decay = [p for n, p in named if not decays(n, p)]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 def part_param_groups(
@@ -59,7 +69,7 @@ def part_param_groups(
         raise ValueError(f"lr_scale values must be positive, got {bad}")
     groups: dict[tuple[str, bool], list] = {}
     for name, p in named:
-        groups.setdefault((part_of(name), _decays(name, p)), []).append(p)
+        groups.setdefault((part_of(name), decays(name, p)), []).append(p)
     trained = {part for part, _ in groups}
     idle = sorted(k for k, v in lr_scale.items() if k not in trained and float(v) != 1.0)
     if idle:
