@@ -36,7 +36,15 @@ from sklearn.metrics import classification_report
 from cxrlib import metrics
 from cxrlib.answers import parse_findings, parse_grounding, parse_multi_finding
 from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS, LABEL_OF, POSITIVE
-from cxrlib.data.conversations import NOT_FOUND, positive_findings, report_user_turns
+from cxrlib.data.conversations import (
+    NON_ABNORMAL,
+    NOT_FOUND,
+    finding_boxes,
+    finding_name,
+    organ_boxes,
+    positive_findings,
+    report_user_turns,
+)
 from cxrlib.inference import Chat, run_chats
 from cxrlib.labeler import RuleBasedLabeler, get_labeler
 
@@ -466,6 +474,64 @@ def grounding_metrics(records: Sequence[dict], threshold: float = metrics.IOU_TH
     return out
 
 
+def mean_training_boxes(train_studies: Sequence[dict]) -> dict[str, list[int]]:
+    """The mean 0-100 box of every organ, every finding and of "abnormal" (all abnormal-finding
+    boxes) over the frontal images of ``train_studies``: the constant-box baseline's answers."""
+    sums: dict[str, list[np.ndarray]] = {}
+    for study in train_studies:
+        for image in study.get("images", []):
+            if image["view"] not in FRONTAL_VIEWS:
+                continue
+            for organ, box in organ_boxes(image).items():
+                sums.setdefault(f"organ:{organ}", []).append(np.asarray(box, float))
+            for obs, boxes in finding_boxes(image).items():
+                for box in boxes:
+                    sums.setdefault(f"finding:{finding_name(obs)}", []).append(
+                        np.asarray(box, float)
+                    )
+                    if obs not in NON_ABNORMAL:
+                        sums.setdefault("abnormal", []).append(np.asarray(box, float))
+    return {k: np.rint(np.mean(v, axis=0)).astype(int).tolist() for k, v in sums.items()}
+
+
+def _constant_key(task: str, meta: dict) -> str:
+    if task == "organ_grounding":
+        return f"organ:{meta['organ']}"
+    if task == "abnormality_detection":
+        return "abnormal"
+    return f"finding:{meta['finding']}"  # finding and phrase grounding name their finding
+
+
+def constant_box_metrics(
+    records: Sequence[dict],
+    train_studies: Sequence[dict],
+    threshold: float = metrics.IOU_THRESHOLD,
+) -> dict:
+    """``grounding_metrics`` of an image-blind answer: every question answered with the mean
+    training box of its organ / finding (``mean_training_boxes``). Organs barely move between
+    patients, so this baseline is high for organ grounding; a model must beat it to show that
+    it reads the box off the image. Items whose key has no training box score IoU 0."""
+    boxes = mean_training_boxes(train_studies)
+    items: dict[str, list[tuple[list, list]]] = {}
+    for rec in records:
+        task, meta = rec["task"], rec.get("meta", {})
+        if task in BOX_TASKS and meta.get("boxes"):
+            box = boxes.get(_constant_key(task, meta))
+            items.setdefault(task, []).append(([box] if box else [], meta["boxes"]))
+        elif task == "multi_finding_grounding" and meta.get("boxes"):
+            for name, target in meta["boxes"].items():
+                box = boxes.get(f"finding:{name}")
+                items.setdefault(task, []).append(([box] if box else [], target))
+    if not items:
+        raise ValueError("no grounding items with target boxes among the records")
+    out = {}
+    for task, pairs in list(items.items()) + [("overall", [p for v in items.values() for p in v])]:
+        scores = metrics.grounding_scores([p for p, _ in pairs], [t for _, t in pairs], threshold)
+        del scores["no_box"]
+        out[task] = scores
+    return out
+
+
 def vqa_metrics(records: Sequence[dict]) -> dict:
     """Exact-match accuracy of VQA answers by question type, and of box->name / yes-no tasks.
 
@@ -504,6 +570,32 @@ def vqa_metrics(records: Sequence[dict]) -> dict:
 
 
 # --- baselines ----------------------------------------------------------------------------------
+
+
+def most_common_answers(train_conversations: Sequence[dict]) -> dict[str, str]:
+    """The most frequent answer per VQA question type among training conversations (built with
+    ``cxrlib.data.conversations.build_conversation``): the constant-answer baseline."""
+    by_type: dict[str, Counter] = {}
+    for conv in train_conversations:
+        if conv["task"] in VQA_TASKS:
+            qtype = conv["meta"].get("question_type", conv["task"])
+            by_type.setdefault(qtype, Counter())[conv["turns"][0]["assistant"]] += 1
+    return {q: c.most_common(1)[0][0] for q, c in by_type.items()}
+
+
+def constant_vqa_metrics(records: Sequence[dict], answers: dict[str, str]) -> dict:
+    """``vqa_metrics``'s exact match when every question is answered with its type's most
+    common training answer (``most_common_answers``); a type unseen in training scores 0."""
+    vqa = [r for r in records if r["task"] in VQA_TASKS]
+    if not vqa:
+        raise ValueError("no VQA records to score")
+    types = [r["meta"].get("question_type", r["task"]) for r in vqa]
+    return metrics.vqa_accuracy(
+        [answers.get(t, "") for t in types],
+        [r["references"][0] for r in vqa],
+        types,
+        [r["meta"].get("answer_type", "unknown") for r in vqa],
+    )
 
 
 def most_common_report(train_reports: Sequence[str], labeler=None) -> str:

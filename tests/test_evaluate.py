@@ -161,6 +161,54 @@ def test_vqa_metrics():
     assert got["naming"]["single_disease"]["accuracy"] == 0.0
 
 
+def test_constant_box_baseline_answers_the_mean_training_box():
+    def frontal(organ_box, finding_box):
+        return {"view": "PA", "hw": [100, 100], "organ_boxes": {"heart": organ_box},
+                "finding_boxes": [{"finding": {"observation": "Cardiomegaly"}, "box": finding_box}]}  # fmt: skip
+
+    train = [
+        {"images": [frontal([30, 40, 70, 80], [20, 40, 80, 80])]},
+        {"images": [frontal([34, 44, 74, 84], [24, 44, 84, 84]), {"view": "LATERAL", "hw": [100, 100],
+          "organ_boxes": {"heart": [0, 0, 10, 10]}}]},  # lateral: not counted
+    ]  # fmt: skip
+    boxes = evaluate.mean_training_boxes(train)
+    assert boxes["organ:heart"] == [32, 42, 72, 82]
+    assert boxes["finding:cardiomegaly"] == boxes["abnormal"] == [22, 42, 82, 82]
+    records = [
+        conv("organ_grounding", "x", "x", organ="heart", boxes=[[32, 42, 72, 82]]),
+        conv("finding_grounding", "x", "x", finding="cardiomegaly", boxes=[[0, 0, 10, 10]]),
+        conv("phrase_grounding", "x", "x", finding="edema", boxes=[[0, 0, 10, 10]]),  # no box
+    ]
+    got = evaluate.constant_box_metrics(records, train)
+    assert got["organ_grounding"]["mIoU"] == 1.0
+    assert got["finding_grounding"]["mIoU"] == 0.0 and got["phrase_grounding"]["n"] == 1
+    assert got["overall"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_constant_vqa_baseline_uses_training_answers_only():
+    def train_conv(qtype, answer):
+        return {"task": "vqa", "meta": {"question_type": qtype},
+                "turns": [{"user": "q", "assistant": answer}]}  # fmt: skip
+
+    answers = evaluate.most_common_answers(
+        [
+            train_conv("presence", "no"),
+            train_conv("presence", "no"),
+            train_conv("presence", "yes"),
+            train_conv("view", "PA"),
+        ]  # fmt: skip
+    )
+    assert answers == {"presence": "no", "view": "PA"}
+    records = [
+        conv("vqa", "?", "no", question_type="presence", answer_type="closed"),
+        conv("vqa", "?", "yes", question_type="presence", answer_type="closed"),
+        conv("vqa", "?", "left", question_type="location", answer_type="open"),  # unseen type
+    ]
+    got = evaluate.constant_vqa_metrics(records, answers)
+    assert got["accuracy"] == pytest.approx(1 / 3)
+    assert got["by_question_type"]["location"]["accuracy"] == 0.0
+
+
 def test_most_common_report():
     # "No Finding" is the most common pattern (4 of 7); NORMAL its most frequent text.
     train = [NORMAL, NORMAL, "Lungs are clear.", NORMAL, CARDIO, CARDIO, EDEMA]
