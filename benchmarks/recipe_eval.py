@@ -83,6 +83,23 @@ def main() -> None:
         "agreement_frontal": turn_agreement(frontal, labeler),
         "report_seconds": time.perf_counter() - t0,
     }
+    # the two report baselines of notebook 06, scored the same way
+    train = data.split("train")
+    common = evaluate.most_common_report([s["findings_text"] for s in train], labeler)
+    model = backend.model
+    train_images = [im for s in train for im in s["images"]]
+    train_feats = evaluate.image_features(model, [data.images[im["index"]] for im in train_images],
+                                          backend.cfg)  # fmt: skip
+    query = evaluate.image_features(model, [data.images[r["image_indices"][0]] for r in cot],
+                                    backend.cfg)  # fmt: skip
+    nn_reports, _ = evaluate.nearest_neighbour_reports(
+        train_feats, [s["findings_text"] for s in train for _ in s["images"]], query
+    )
+    for name, reports in (("most_common", common), ("nearest_neighbour", nn_reports)):
+        base = evaluate.report_metrics(evaluate.with_reports(cot, reports), labeler, "frontal",
+                                       bootstrap_samples=0, language=False)  # fmt: skip
+        res[f"{name}_mF1_14"] = 100 * base["clinical"]["mF1-14"]
+    res["ci_above_most_common"] = res["cot_frontal_mF1_14_ci"][0] > res["most_common_mF1_14"]
     per_label = rep["clinical"].get("per_label") or {}
     res["report_per_label_f1"] = {k: per_label.get(k) for k in CHEXPERT_LABELS if k in per_label}
     rng = np.random.default_rng(0)
@@ -100,6 +117,9 @@ def main() -> None:
         t: {k: g[k] for k in ("mIoU", "accuracy", "n", "malformed", "said_absent") if k in g}
         for t, g in grounding.items()
     }
+    constant = evaluate.constant_box_metrics(recs, train)
+    res["grounding_constant_box"] = {t: {"mIoU": g["mIoU"], "accuracy": g["accuracy"]}
+                                     for t, g in constant.items()}  # fmt: skip
     n_box = sum(r["task"] in evaluate.BOX_TASKS or r["task"] == "multi_finding_grounding"
                 for r in recs)  # fmt: skip
     res["grounding_answers"] = n_box
@@ -111,6 +131,12 @@ def main() -> None:
         for k, d in v.get("by_question_type", {}).items()
     }
     res["naming"] = vqa.get("naming")
+    train_convs = [c for s in train for t in evaluate.VQA_TASKS
+                   if (c := build_conversation(t, s, rng)) is not None]  # fmt: skip
+    const_vqa = evaluate.constant_vqa_metrics(recs, evaluate.most_common_answers(train_convs))
+    res["vqa_constant_accuracy"] = const_vqa["accuracy"]
+    res["vqa_constant_by_type"] = {k: d["accuracy"]
+                                   for k, d in const_vqa["by_question_type"].items()}  # fmt: skip
     text = json.dumps(res, indent=1, default=float)
     print(text)
     if args.json:

@@ -229,13 +229,14 @@ class LMPretrainStage(_PretrainStage):
     seq_len: PositiveInt
     box_texts: NonNegativeInt
     text_instructions: NonNegativeInt = 0
+    image_words: Literal["facts", "none"] = "facts"
 
 
 class EncoderPretrainStage(_PretrainStage):
     pass
 
 
-class Phase1Stage(_Section):
+class _PhaseStage(_Section):
     steps: PositiveInt
     global_batch: PositiveInt
     micro_batch: PositiveInt
@@ -247,7 +248,14 @@ class Phase1Stage(_Section):
     trainable: Annotated[list[Literal[TRAINABLE_PARTS]], Field(min_length=1)]
 
 
-class Phase2Stage(Phase1Stage):
+class Phase1Stage(_PhaseStage):
+    # word-embedding alignment of the projector before the report pairs (tiny; 0 = off)
+    align_steps: NonNegativeInt = 0
+    align_lr: PositiveFloat = 1.0e-3
+    align_batch: PositiveInt = 64
+
+
+class Phase2Stage(_PhaseStage):
     val_per_task: PositiveInt
     lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 

@@ -95,8 +95,14 @@ def findings_answer_check(
         max_studies: score at most this many studies (the first ones), None = all.
         max_new_tokens: generation budget of the turn-1 answer (13 findings fit in ~40 tokens).
 
+    It also reports the project's one **turn-1 findings F1** (``cot_findings_metrics``: macro F1
+    over the 13 findings of the CoT question, strict parser, frontal images), the measure notebook
+    06 reports on the test split, with the best constant answer in that measure.
+
     Returns:
-        ``{"n", "model_mF1_14", "model_uF1_14", "malformed", "most_common_answer",
+        ``{"n", "turn1_findings_f1", "turn1_per_finding", "turn1_best_constant_f1",
+        "turn1_best_constant_answer", "turn1_malformed_strict",
+        "model_mF1_14", "model_uF1_14", "malformed", "most_common_answer",
         "most_common_mF1_14", "best_constant_answer", "best_constant_mF1_14", "per_label",
         "examples"}``.
     """
@@ -114,6 +120,13 @@ def findings_answer_check(
     ]
     answers = [a[0] for a in run_chats(backend, chats, max_new_tokens, desc="turn-1 answers")]
     parsed = [parse_findings(a, strict=False) for a in answers]
+    # the project's one "turn-1 findings F1" (notebooks 04 and 06): strict parser, 13 findings
+    strict = [
+        {"cot": True, "study_id": s["study_id"], "findings": parse_findings(a, strict=True)}
+        for (s, _), a in zip(chosen, answers)
+    ]
+    study_labels = {s["study_id"]: s["labels"] for s, _ in chosen}
+    turn1 = cot_findings_metrics(strict, study_labels)
     reference = [s["labels"] for s, _ in chosen]
     model = metrics.clinical_f1(reference, [findings_labels(p) for p in parsed])
 
@@ -128,8 +141,17 @@ def findings_answer_check(
         for o in options
     ]
     best_score, best = max(scored, key=lambda x: x[0])
+    turn1_constant = max(
+        (cot_findings_metrics([{**r, "findings": o} for r in strict], study_labels)["macro_f1"], o)
+        for o in options
+    )
     return {
         "n": len(chosen),
+        "turn1_findings_f1": turn1["macro_f1"],
+        "turn1_per_finding": turn1["per_finding"],
+        "turn1_best_constant_f1": turn1_constant[0],
+        "turn1_best_constant_answer": text(turn1_constant[1]),
+        "turn1_malformed_strict": turn1["malformed"],
         "model_mF1_14": model["mF1-14"],
         "model_uF1_14": model["uF1-14"],
         "malformed": sum(p is None for p in parsed),

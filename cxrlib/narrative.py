@@ -233,8 +233,8 @@ def cot_inference(m: dict, cfg: dict) -> list[str]:
     f = m.get("cot_findings")
     if f:
         lines.append(
-            f"Turn-1 findings (13 findings, test split, all views): macro F1 "
-            f"{f['macro_f1']:.3f}, micro F1 {f['micro_f1']:.3f}."
+            f"Turn-1 findings F1 (13 findings, strict parser, frontal test images): macro "
+            f"{f['macro_f1']:.3f}, micro {f['micro_f1']:.3f}."
         )
     if "direct_single" in reports:
         lines.append(

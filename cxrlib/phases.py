@@ -44,7 +44,7 @@ from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
 from cxrlib.data.features import cached_features, encoder_features
-from cxrlib.data.text_instructions import with_text_instructions
+from cxrlib.data.text_instructions import describe_image, image_records, with_text_instructions
 from cxrlib.model import (
     ImageProcessor,
     build_encoder,
@@ -327,6 +327,58 @@ def match_image_token_scale(model, features: torch.Tensor) -> float:
     return model.projector.match_output_norm(features, target)
 
 
+def align_projector_to_words(
+    model, features: torch.Tensor, texts: list[str], steps: int, lr: float, batch_size: int, seed: int
+) -> dict:
+    """Teach the projector to write each image's description in the LLM's word-embedding space.
+
+    Image token ``k`` of an image is regressed (squared error) onto the input embedding of the
+    ``k``-th token of its description (``cxrlib.data.text_instructions.describe_image``, the
+    words the small LLM learnt to read in its text instructions), padded with the last token.
+    Only the projector trains and the LLM is not run, so a step costs one projector forward.
+
+    Why (``tiny`` only, issue 14): trained on report pairs alone, the projector's tokens get
+    almost no attention from the small LLM (their input gradient is ~50x smaller than a text
+    token's) and the report's loss is the same with shuffled images; after this alignment the
+    LLM reads the image tokens as it reads those words. The paper's phase 1 does not need it:
+    10,000 steps on millions of pairs align Rad-DINO with a 7B model.
+
+    Returns:
+        ``{"steps", "first_loss", "final_loss", "constant_loss"}``; ``constant_loss`` is what the
+        best image-blind output (the mean target) would score.
+    """
+    embeddings = model.llm.get_input_embeddings().weight.detach()
+    m = model.num_image_tokens
+    rows = []
+    for text in texts:
+        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])[:m]
+        rows.append(ids + ids[-1:] * (m - len(ids)))
+    device = embeddings.device
+    targets = embeddings[torch.tensor(rows, device=device)].float()
+    params = [p for p in model.projector.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.projector.train()
+    losses = []
+    for _ in range(steps):
+        pick = torch.randint(len(targets), (batch_size,), generator=generator)
+        out = model.projector(features[pick].to(device, params[0].dtype)).float()
+        loss = (out - targets[pick.to(device)]).pow(2).sum(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.projector.eval()
+    for p, w in zip(params, was):
+        p.requires_grad_(w)
+    constant = (targets - targets.mean(0)).pow(2).sum(-1).mean().item()
+    return {"steps": steps, "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])),
+            "constant_loss": constant}  # fmt: skip
+
+
 def _phase_setup(cfg: dict, phase: str, out_dir: Path, device, default_trainable: list[str]):
     """What phases 1 and 2 both start from: the trainable parts, hyper-parameters, Accelerator,
     tokenizer, datasets, backbones folder and the freshly built (seeded) model."""
@@ -371,6 +423,19 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         if probe is None:
             probe = encoder_features(model, data.images, train_pairs.image_indices[:64], cfg)
         scale = match_image_token_scale(model, probe)
+    alignment = None
+    section = cfg["train"]["phase1"]
+    if section.get("align_steps", 0):
+        t0 = time.perf_counter()
+        records = [r for s in data.split("train") for r in image_records(s).values()]
+        features = cached_features(model, data.images, [im["index"] for _, im in records], cfg,
+                                   target / "alignment_features.pt", accelerator)  # fmt: skip
+        texts = [f"({describe_image(record, image)})" for record, image in records]
+        alignment = align_projector_to_words(model, features, texts, section["align_steps"],
+                                             section.get("align_lr", 1e-3),
+                                             section.get("align_batch", 64),
+                                             cfg["seed"])  # fmt: skip
+        timings["alignment"] = time.perf_counter() - t0
     collate = ConversationCollate(tokenizer.pad_token_id, cfg)
     engine.save_run_info(cfg, target)
 
@@ -428,6 +493,7 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         "val_loss_shuffled_images": shuffled,
         "features_cached": "encoder" not in trainable,
         "image_token_scale": scale,
+        "word_alignment": alignment,
         "trainable_parameters": count_parameters(model, trainable_only=True),
         "total_parameters": count_parameters(model),
         "timings": timings,

@@ -476,3 +476,19 @@ def test_a_retrained_phase1_makes_phase2_train_afresh(smoke_out, tmp_path):
     assert summary["identity"]["inputs"]["phase1"] == new_phase1
     new = load_file(str(out / "phase2" / "trained.safetensors"))
     assert any(not torch.equal(old[k], new[k]) for k in old), "phase 2 returned stale weights"
+
+
+def test_word_alignment_makes_the_projector_write_each_image_s_words():
+    """Two kinds of image (bright / dark) described by different words: after the alignment
+    the projector's tokens are nearer their own description than the best constant output."""
+    from cxrlib.model.toy import toy_model
+    from cxrlib.phases import align_projector_to_words
+
+    model, _, cfg = toy_model("smoke")
+    n, p, c = 32, model.projector.num_input_tokens, cfg["encoder"]["hidden_size"]
+    kind = torch.arange(n) % 2
+    features = torch.randn(n, p, c) * 0.1 + kind.view(n, 1, 1).float()
+    texts = ["(cardiomegaly)" if k else "(no abnormality)" for k in kind.tolist()]
+    got = align_projector_to_words(model, features, texts, steps=150, lr=3e-3, batch_size=16, seed=0)
+    assert got["final_loss"] < 0.7 * got["constant_loss"] < got["first_loss"]
+    assert not any(q.requires_grad for q in model.projector.parameters())  # frozen as before

@@ -88,7 +88,7 @@ def describe_image(record: dict, image: dict) -> str:
     return "; ".join(parts)
 
 
-def _image_records(study: dict) -> dict[int, tuple[dict, dict]]:
+def image_records(study: dict) -> dict[int, tuple[dict, dict]]:
     """image index -> (the record whose labels describe it, the image record)."""
     out = {im["index"]: (study, im) for im in study.get("images", [])}
     prior = study.get("prior") or {}
@@ -96,15 +96,26 @@ def _image_records(study: dict) -> dict[int, tuple[dict, dict]]:
     return out
 
 
-def to_text_conversation(conv: dict, study: dict) -> dict:
+# What stands in a text conversation where the image was (``train.lm_pretrain.image_words``).
+IMAGE_WORDS = ("facts", "none")
+NEUTRAL_IMAGE = "(image)"
+
+
+def to_text_conversation(conv: dict, study: dict, image_words: str = "facts") -> dict:
     """``conv`` with each ``<image>`` of its user turns replaced, in order, by the words of the
-    image it stands for (``describe_image``); ``images`` becomes empty."""
-    records = _image_records(study)
+    image it stands for (``describe_image``; ``image_words="facts"``) or by the neutral
+    ``"(image)"`` (``"none"``: the answer formats and the prior, no facts to copy); ``images``
+    becomes empty."""
+    if image_words not in IMAGE_WORDS:
+        raise TextInstructionError(f"image_words '{image_words}': use one of {IMAGE_WORDS}")
+    records = image_records(study)
     try:
-        words = iter([f"({describe_image(*records[i])})" for i in conv["images"]])
+        described = [records[i] for i in conv["images"]]
     except KeyError as err:
         raise TextInstructionError(f"image {err} of a {conv['task']} conversation is not in study "
                                    f"{study['study_id']}") from err  # fmt: skip
+    words = iter([f"({describe_image(*r)})" if image_words == "facts" else NEUTRAL_IMAGE
+                  for r in described])  # fmt: skip
     turns = []
     for turn in conv["turns"]:
         pieces = turn["user"].split(IMAGE_TOKEN)
@@ -114,7 +125,11 @@ def to_text_conversation(conv: dict, study: dict) -> dict:
 
 
 def text_conversations(
-    studies: Sequence[dict], n: int, seed: int, tasks: Sequence[str] = TEXT_TASKS
+    studies: Sequence[dict],
+    n: int,
+    seed: int,
+    tasks: Sequence[str] = TEXT_TASKS,
+    image_words: str = "facts",
 ) -> list[dict]:
     """``n`` text-only conversations of training-split studies, tasks drawn uniformly among those
     a drawn study supports (so rare tasks such as grounding get as much text as reports).
@@ -135,7 +150,7 @@ def text_conversations(
         task = tasks[int(rng.integers(len(tasks)))]
         conv = build_conversation(task, study, rng)
         if conv is not None:
-            out.append(to_text_conversation(conv, study))
+            out.append(to_text_conversation(conv, study, image_words))
     return out
 
 
@@ -174,6 +189,6 @@ def with_text_instructions(train_set: Dataset, studies, tokenizer, section: dict
     n = int(section.get("text_instructions", 0) or 0)
     if n <= 0:
         return train_set
-    rows = packed_instruction_rows(text_conversations(studies, n, seed), tokenizer,
-                                   section["seq_len"])  # fmt: skip
+    convs = text_conversations(studies, n, seed, image_words=section.get("image_words", "facts"))
+    rows = packed_instruction_rows(convs, tokenizer, section["seq_len"])
     return ConcatDataset([train_set, InstructionRows(rows)])
