@@ -32,6 +32,7 @@ from cxrlib.config import save_config
 from cxrlib.constants import REAL_SOURCES
 from cxrlib.data.labels import SPLITS, save_splits
 from cxrlib.data.sources.base import SourceError, SourceInfo, check_root, source_error
+from cxrlib.data.sources.brax import BRAX, load_brax
 from cxrlib.data.sources.chexpert import CHEXPERT, load_chexpert
 from cxrlib.data.sources.detection import RSNA, SIIM, VINDR, load_rsna, load_siim, load_vindr
 from cxrlib.data.sources.images import ImageFileError, ImageStore, image_size
@@ -50,13 +51,13 @@ PHANTOM = "iu_phantom"
 MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
-                                                      VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY)}  # fmt: skip
+                                                      VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX)}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "brax",
-                   "jsrt", "qata_cov19", "covid_qu_ex", "slake")  # fmt: skip
+NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "jsrt",
+                   "qata_cov19", "covid_qu_ex", "slake")  # fmt: skip
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -70,6 +71,7 @@ LOADERS: dict[str, Callable] = {
     "covid19_radiography": lambda roots, cfg: load_covid19_radiography(
         roots["covid19_radiography"], cfg
     ),
+    "brax": lambda roots, cfg: load_brax(roots["brax"], cfg),
 }  # fmt: skip
 MIMIC_DERIVED = ("mimic_cxr",)  # sources whose images are MIMIC's (MS-CXR guarded separately)
 
