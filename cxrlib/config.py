@@ -117,6 +117,7 @@ class DataRoots(_Section):
     chestx_det10: StrictStr | None
     covid19_radiography: StrictStr | None
     brax: StrictStr | None
+    slake: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

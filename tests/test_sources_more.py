@@ -2,6 +2,7 @@
 fixture trees with the datasets' real file names and columns: records, conversations, the official
 mixture, leakage guards and the errors for a missing file or column."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
-from cxrlib.data.conversations import build_conversation
+from cxrlib.data.conversations import build_conversation, supported_tasks
 from cxrlib.data.datasets import ConversationDataset, build_datasets, load_datasets
 from cxrlib.data.sources import SourceError
 
@@ -104,3 +105,73 @@ def test_brax_missing_file_and_column(tmp_path):
     (root / "master_spreadsheet_update.csv").unlink()
     with pytest.raises(SourceError, match="(?s)BRAX.*master_spreadsheet_update.csv.*physionet"):
         load_brax(root, smoke())
+
+
+# --- SLAKE ----------------------------------------------------------------------------------------------
+def slake_item(qid, img, question, answer, lang="en", modality="X-Ray", location="Lung",
+               answer_type="CLOSED") -> dict:  # fmt: skip
+    return {"img_id": int(img[5:]), "img_name": f"{img}/source.jpg", "question": question,
+            "answer": answer, "q_lang": lang, "location": location, "modality": modality,
+            "answer_type": answer_type, "base_type": "vqa", "content_type": "Abnormality",
+            "triple": ["vhead", "_", "_"], "qid": qid}  # fmt: skip
+
+
+def write_slake(root: Path) -> Path:
+    test = [
+        slake_item(1, "xmlab10", "Is the lung healthy?", "No"),
+        slake_item(2, "xmlab10", "Does the picture contain heart?", "Yes", location="Chest_heart"),
+        slake_item(3, "xmlab10", "Where is the abnormality?", "Left Lung", answer_type="OPEN"),
+        slake_item(4, "xmlab10", "肺部健康吗?", "否", lang="zh"),
+        slake_item(5, "xmlab11", "Is this a CT?", "Yes", modality="CT", location="Abdomen"),
+        slake_item(6, "xmlab12", "Is there a pneumothorax?", "Yes"),
+        slake_item(7, "xmlab13", "Is the colon visible?", "No", location="Abdomen"),
+    ]
+    for name, items in (("train.json", [slake_item(9, "xmlab20", "Is it normal?", "Yes")]),
+                        ("validate.json", []), ("test.json", test)):  # fmt: skip
+        root.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(items, ensure_ascii=False))
+    for img in ("xmlab10", "xmlab11", "xmlab12", "xmlab13", "xmlab20"):
+        save_png(root / "imgs" / img / "source.jpg")
+    return root
+
+
+def test_slake_english_closed_chest_xray_questions(tmp_path):
+    from cxrlib.data.sources.vqa import load_slake
+
+    root = write_slake(tmp_path / "Slake1.0")
+    records, counts = load_slake(root, smoke())
+    by_id = {r["study_id"]: r for r in records}
+    assert set(by_id) == {"slake-xmlab10", "slake-xmlab12"}  # train.json is not read
+    assert counts == {"questions_test.json": 7, "questions_not_english": 1,
+                      "questions_not_xray": 1, "xray_questions_not_chest": 1,
+                      "open_questions": 1, "questions": 3, "images": 2}  # fmt: skip
+    first = by_id["slake-xmlab10"]
+    assert first["split"] == "test" and [q["answer"] for q in first["qa"]] == ["No", "Yes"]
+    assert first["images"][0]["path"] == str(root / "imgs/xmlab10/source.jpg")
+    convs = {build_conversation("vqa", indexed(first), seed)["turns"][0]["user"]
+             for seed in range(20)}  # fmt: skip
+    assert convs == {"radiology image: <image> Answer the question. Is the lung healthy?",
+                     "radiology image: <image> Answer the question. Does the picture contain heart?"}  # fmt: skip
+    assert supported_tasks(indexed(first)) == ["vqa"]  # SLAKE labels nothing else
+
+
+def test_slake_build_and_missing_key(tmp_path):
+    from cxrlib.data.sources.vqa import load_slake
+
+    root = write_slake(tmp_path / "Slake1.0")
+    stats = build_datasets(smoke(source="slake", roots={"slake": str(root)}), tmp_path / "data")
+    assert stats["split_sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert stats["task_sizes"]["test"]["vqa"] == 2
+    data = load_datasets(tmp_path / "data")
+    ds = ConversationDataset(data.studies, data.images, None, data.cfg, tasks=["vqa"],
+                             split="test")  # fmt: skip
+    assert ds[0]["images"][0].shape == (24, 20) and ds[0]["meta"]["answer_type"] == "closed"
+    items = json.loads((root / "test.json").read_text())
+    del items[3]["modality"]
+    (root / "test.json").write_text(json.dumps(items))
+    with pytest.raises(SourceError, match=r"(?s)test.json item 3 has no key\(s\) \['modality'\]"
+                       r".*data.roots.slake"):  # fmt: skip
+        load_slake(root, smoke())
+    (root / "test.json").unlink()
+    with pytest.raises(SourceError, match="(?s)SLAKE 1.0.*missing file.*test.json"):
+        load_slake(root, smoke())

@@ -44,20 +44,22 @@ from cxrlib.data.sources.masks import (
 )
 from cxrlib.data.sources.mimic import MIMIC, MS_CXR, load_mimic, load_ms_cxr
 from cxrlib.data.sources.nih import NIH, load_nih
+from cxrlib.data.sources.vqa import SLAKE, load_slake
 
 __all__ = ["SourceError", "check_data_roots", "build_source_datasets", "selected_sources"]
 
 PHANTOM = "iu_phantom"
 MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
-SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
-                                                      VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX)}  # fmt: skip
+SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
+    MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
+)}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
 NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "jsrt",
-                   "qata_cov19", "covid_qu_ex", "slake")  # fmt: skip
+                   "qata_cov19", "covid_qu_ex")  # fmt: skip
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -72,6 +74,7 @@ LOADERS: dict[str, Callable] = {
         roots["covid19_radiography"], cfg
     ),
     "brax": lambda roots, cfg: load_brax(roots["brax"], cfg),
+    "slake": lambda roots, cfg: load_slake(roots["slake"], cfg),
 }  # fmt: skip
 MIMIC_DERIVED = ("mimic_cxr",)  # sources whose images are MIMIC's (MS-CXR guarded separately)
 
