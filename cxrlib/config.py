@@ -118,6 +118,8 @@ class DataRoots(_Section):
     covid19_radiography: StrictStr | None
     brax: StrictStr | None
     slake: StrictStr | None
+    mimic_cxr_vqa: StrictStr | None
+    medical_diff_vqa: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

@@ -3,18 +3,20 @@ fixture trees with the datasets' real file names and columns: records, conversat
 mixture, leakage guards and the errors for a missing file or column."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_sources import dicom_id, write_mimic, write_ms_cxr
 
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
 from cxrlib.data.conversations import build_conversation, supported_tasks
 from cxrlib.data.datasets import ConversationDataset, build_datasets, load_datasets
-from cxrlib.data.sources import SourceError
+from cxrlib.data.sources import SourceError, load_sources
 
 
 def smoke(**data) -> dict:
@@ -175,3 +177,173 @@ def test_slake_build_and_missing_key(tmp_path):
     (root / "test.json").unlink()
     with pytest.raises(SourceError, match="(?s)SLAKE 1.0.*missing file.*test.json"):
         load_slake(root, smoke())
+
+
+# --- MIMIC-CXR-VQA and Medical-Diff-VQA on the MIMIC fixture tree of test_sources -----------------------
+# MIMIC: subject 10000032 (train) s50000001 (7 images; the 7th has a blank view), s50000002,
+# s50000003 (image 0 is an MS-CXR image); subject 10000764 (test) s50000010, s50000011.
+def vqa_item(split, dicom, subject, study, question, answer, semantic="verify") -> dict:
+    return {"split": split, "idx": 0, "image_id": dicom, "question": question,
+            "content_type": "presence", "semantic_type": semantic, "template": question,
+            "template_program": "program_1", "template_arguments": {}, "answer": answer,
+            "subject_id": subject, "study_id": study,
+            "image_path": f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"}  # fmt: skip
+
+
+def write_mimic_cxr_vqa(root: Path) -> Path:
+    a, b = "10000032", "10000764"
+    train = [
+        vqa_item("train", dicom_id("50000001", 0), a, "50000001", "Is there cardiomegaly?", ["yes"]),
+        vqa_item("train", dicom_id("50000001", 0), a, "50000001", "List the abnormalities.",
+                 ["cardiomegaly", "pleural effusion"], semantic="query"),
+        vqa_item("train", dicom_id("50000001", 1), a, "50000001", "Any devices?", [], "query"),
+        vqa_item("train", dicom_id("50000003", 0), a, "50000003", "Is there opacity?", ["yes"]),
+        vqa_item("train", dicom_id("50000010", 0), b, "50000010", "Is there edema?", ["no"]),
+        vqa_item("train", dicom_id("50000001", 6), a, "50000001", "Is it normal?", ["no"]),
+        vqa_item("train", "ffffffff-0000-0000-0000-000000000000", a, "50000001", "Edema?", ["no"]),
+    ]  # fmt: skip
+    test = [vqa_item("test", dicom_id("50000011", 0), b, "50000011", "Pneumothorax?", ["yes"])]
+    folder = root / "mimiccxrvqa" / "dataset"
+    folder.mkdir(parents=True)
+    for name, items in (("train", train), ("valid", []), ("test", test)):
+        (folder / f"{name}.json").write_text(json.dumps(items))
+    return root
+
+
+def write_medical_diff_vqa(root: Path) -> Path:
+    root.mkdir(parents=True)
+    image_of = {"50000001": 0, "50000002": 0, "50000003": 0, "50000010": 0, "50000011": 0}
+    subject_of = {s: "10000032" if s < "50000010" else "10000764" for s in image_of}
+    rows = []
+    for k, (study, k_img) in enumerate(image_of.items()):
+        labels = dict.fromkeys(CHEXPERT_LABELS, np.nan)
+        rows.append(dict(subject_id=int(subject_of[study]), study_id=int(study), **labels,
+                         dicom_id=dicom_id(study, k_img), view="PA", split="train",
+                         study_date=21800506 + k, study_order=k))  # fmt: skip
+    pd.DataFrame(rows).to_csv(root / "mimic_all.csv", index=False)
+    diff = "What has changed compared to the reference image?"
+    questions = [  # main, ref, type, question, answer, split
+        ("50000002", "50000001", "abnormality", "What abnormalities are seen?", "cardiomegaly", "train"),
+        ("50000002", "50000001", "difference", diff, "the main image is missing the finding of effusion", "train"),
+        ("50000003", "50000002", "difference", diff, "nothing has changed.", "train"),  # MS-CXR main
+        ("50000001", "50000010", "difference", diff, "nothing has changed.", "train"),  # test ref
+        ("50000011", "50000010", "presence", "Is there pneumothorax?", "yes", "test"),
+        ("50000011", "50000010", "difference", diff, "the main image has additional findings", "test"),
+        ("50000002", "59999999", "difference", diff, "nothing has changed.", "train"),  # no ref image
+        ("50000002", "59999999", "view", "Which view is this image?", "PA view", "train"),
+    ]  # fmt: skip
+    pd.DataFrame([dict(study_id=int(m), subject_id=int(subject_of.get(m, "10000032")),
+                       ref_id=int(r), question_type=t, question=q, answer=a, split=s)
+                  for m, r, t, q, a, s in questions]).to_csv(root / "mimic_pair_questions.csv",
+                                                             index=False)  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def mimic_vqa_roots(tmp_path):
+    mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
+    return {"mimic_cxr": str(mimic), "ms_cxr": str(write_ms_cxr(tmp_path / "ms-cxr")),
+            "mimic_cxr_vqa": str(write_mimic_cxr_vqa(tmp_path / "mimic-cxr-vqa")),
+            "medical_diff_vqa": str(write_medical_diff_vqa(tmp_path / "medical-diff-vqa"))}  # fmt: skip
+
+
+def test_mimic_cxr_vqa_records_and_leakage(mimic_vqa_roots):
+    from cxrlib.data.sources.vqa import load_mimic_cxr_vqa
+
+    roots = mimic_vqa_roots
+    records, counts = load_mimic_cxr_vqa(roots["mimic_cxr_vqa"], roots["mimic_cxr"], smoke())
+    assert counts["images_dropped_other_view"] == 1 and counts["images_not_in_mimic_cxr_jpg"] == 1
+    assert counts["empty_answers_as_none"] == 1 and len(records) == 5
+    by_id = {r["study_id"]: r for r in records}
+    first = by_id[f"mimicvqa-{dicom_id('50000001', 0)}"]
+    assert [(q["answer"], q["answer_type"]) for q in first["qa"]] == [
+        ("yes", "closed"), ("cardiomegaly, pleural effusion", "open")]  # fmt: skip
+    assert first["images"][0]["path"].endswith(f"s50000001/{dicom_id('50000001', 0)}.jpg")
+    assert first["images"][0]["mimic_split"] == "train" and first["images"][0]["hw"] == [40, 32]
+    assert by_id[f"mimicvqa-{dicom_id('50000001', 1)}"]["qa"][0]["answer"] == "none"
+    conv = build_conversation("vqa", indexed(first), 1)
+    assert conv["turns"][0]["user"].startswith("radiology image: <image> Answer the question. ")
+    cfg = smoke(source="mimic_cxr_vqa+ms_cxr", roots=roots)
+    records, counts = load_sources(cfg, ["ms_cxr", "mimic_cxr_vqa"])  # MIMIC itself not built
+    removed = counts["leakage_removed"]
+    assert removed["mimic_cxr_vqa_train_studies_with_ms_cxr_images"] == 1
+    assert removed["mimic_cxr_vqa_train_records_with_images_in_mimic_test"] == 1
+    kept = {r["study_id"] for r in records if r["source"] == "mimic_cxr_vqa"}
+    assert kept == {f"mimicvqa-{dicom_id(s, k)}" for s, k in
+                    (("50000001", 0), ("50000001", 1), ("50000011", 0))}  # fmt: skip
+
+
+def test_medical_diff_vqa_pairs_reference_images_and_leakage(mimic_vqa_roots):
+    from cxrlib.data.sources.vqa import load_medical_diff_vqa
+
+    roots = mimic_vqa_roots
+    records, counts = load_medical_diff_vqa(roots["medical_diff_vqa"], roots["mimic_cxr"], smoke())
+    by_id = {r["study_id"]: r for r in records}
+    assert counts["studies_not_in_mimic_all"] == 1
+    assert counts["difference_questions_dropped_reference_image"] == 1
+    pair = by_id["diffvqa-50000002-50000001"]
+    assert pair["split"] == "train" and pair["prior"]["study_id"] == "50000001"
+    assert pair["prior"]["images"][0]["dicom_id"] == dicom_id("50000001", 0)
+    assert [q["question_type"] for q in pair["qa"]] == ["abnormality"] and len(pair["diff_qa"]) == 1
+    no_ref = by_id["diffvqa-50000002-59999999"]
+    assert no_ref["prior"] is None and no_ref["diff_qa"] == [] and len(no_ref["qa"]) == 1
+    conv = build_conversation("difference_vqa", indexed(pair), 0)
+    assert conv["images"] == [1, 0]  # reference (prior) first, then main
+    assert conv["turns"][0]["user"] == (
+        "reference: <image>, main: <image> Using the provided reference and main radiology images, "
+        "answer the following question. What has changed compared to the reference image?")  # fmt: skip
+    assert conv["turns"][0]["assistant"] == "the main image is missing the finding of effusion"
+    assert conv["meta"]["prior_study_id"] == "50000001"
+    assert build_conversation("difference_vqa", indexed(no_ref), 0) is None
+    assert build_conversation("vqa", indexed(no_ref), 0)["turns"][0]["assistant"] == "PA view"
+    cfg = smoke(source="medical_diff_vqa+ms_cxr", roots=roots)
+    records, counts = load_sources(cfg, ["ms_cxr", "medical_diff_vqa"])
+    removed = counts["leakage_removed"]
+    assert removed["medical_diff_vqa_train_studies_with_ms_cxr_images"] == 1  # the MS-CXR main
+    assert removed["medical_diff_vqa_train_records_with_images_in_mimic_test"] == 1  # test ref
+    kept = {r["study_id"] for r in records if r["source"] == "medical_diff_vqa"}
+    assert kept == {"diffvqa-50000002-50000001", "diffvqa-50000011-50000010",
+                    "diffvqa-50000002-59999999"}  # fmt: skip
+
+
+def test_mimic_vqa_sets_build_and_official_mixture(mimic_vqa_roots, tmp_path):
+    cfg = smoke(source="mimic_cxr+ms_cxr+mimic_cxr_vqa+medical_diff_vqa", roots=mimic_vqa_roots,
+                max_images_per_study=5)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = build_datasets(cfg, tmp_path / "data")
+    assert stats["studies_per_source"]["medical_diff_vqa"] == 3
+    data = load_datasets(tmp_path / "data")
+    # a MIMIC image and the same file named by a VQA set share one index
+    mimic_paths = {im["path"]: im["index"] for s in data.studies if s["source"] == "mimic_cxr"
+                   for im in s["images"]}  # fmt: skip
+    vqa = next(s for s in data.studies if s["study_id"] == "diffvqa-50000002-50000001")
+    assert mimic_paths[vqa["prior"]["images"][0]["path"]] == vqa["prior"]["images"][0]["index"]
+    with pytest.warns(UserWarning, match="official mixture"):
+        ds = ConversationDataset(data.studies, data.images, None, data.cfg, split="train",
+                                 length=400)  # fmt: skip
+    vqa_keys = {k: w for k, w in ds.weights.items() if "vqa@" in k}
+    assert set(vqa_keys) == {"vqa@mimic_cxr_vqa", "vqa@medical_diff_vqa",
+                             "difference_vqa@medical_diff_vqa"}  # fmt: skip
+    assert vqa_keys["difference_vqa@medical_diff_vqa"] / vqa_keys["vqa@medical_diff_vqa"] == 2
+    k = next(i for i in range(400) if ds.conversation(i)["task"] == "difference_vqa")
+    assert len(ds[k]["images"]) == 2 and all(im.shape == (40, 32) for im in ds[k]["images"])
+
+
+def test_mimic_vqa_sets_errors(mimic_vqa_roots, tmp_path):
+    from cxrlib.data.sources import check_data_roots
+    from cxrlib.data.sources.vqa import load_medical_diff_vqa, load_mimic_cxr_vqa
+
+    roots = dict(mimic_vqa_roots, mimic_cxr=None)
+    with pytest.raises(SourceError, match="(?s)images of medical_diff_vqa are MIMIC-CXR-JPG"):
+        check_data_roots(smoke(source="medical_diff_vqa", roots=roots))
+    root = Path(mimic_vqa_roots["medical_diff_vqa"])
+    df = pd.read_csv(root / "mimic_pair_questions.csv").drop(columns=["ref_id"])
+    df.to_csv(root / "mimic_pair_questions.csv", index=False)
+    with pytest.raises(SourceError, match=r"(?s)Medical-Diff-VQA.*no column\(s\) \['ref_id'\]"):
+        load_medical_diff_vqa(root, mimic_vqa_roots["mimic_cxr"], smoke())
+    vqa_root = Path(mimic_vqa_roots["mimic_cxr_vqa"])
+    (vqa_root / "mimiccxrvqa" / "dataset" / "valid.json").unlink()
+    with pytest.raises(SourceError, match="(?s)missing file.*mimiccxrvqa/dataset/valid.json"
+                       ".*data.roots.mimic_cxr_vqa"):  # fmt: skip
+        load_mimic_cxr_vqa(vqa_root, mimic_vqa_roots["mimic_cxr"], smoke())

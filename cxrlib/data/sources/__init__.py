@@ -15,8 +15,9 @@ Each adapter reads one dataset's own published layout from the folder the preset
     data = load_datasets(out)               # data.images is a lazy ImageStore
 
 Leakage guards (``guard_leakage``): studies of MIMIC-derived training sets that contain an MS-CXR
-image are removed; MS-CXR training images that are MIMIC test images are removed; each count is
-saved in ``stats.json``.
+image are removed; MS-CXR training images that are MIMIC test images are removed; training
+records of the sets on MIMIC images (VQA, ...) with a MIMIC test image (any of a pair's images)
+are removed; each count is saved in ``stats.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from cxrlib.data.sources.masks import (
 )
 from cxrlib.data.sources.mimic import MIMIC, MS_CXR, load_mimic, load_ms_cxr
 from cxrlib.data.sources.nih import NIH, load_nih
-from cxrlib.data.sources.vqa import SLAKE, load_slake
+from cxrlib.data.sources.vqa import (
+    MEDICAL_DIFF_VQA,
+    MIMIC_CXR_VQA,
+    SLAKE,
+    load_medical_diff_vqa,
+    load_mimic_cxr_vqa,
+    load_slake,
+)
 
 __all__ = ["SourceError", "check_data_roots", "build_source_datasets", "selected_sources"]
 
@@ -53,13 +61,13 @@ MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
     MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
+    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA,
 )}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "jsrt",
-                   "qata_cov19", "covid_qu_ex")  # fmt: skip
+NOT_IMPLEMENTED = ("chest_imagenome", "radialog", "jsrt", "qata_cov19", "covid_qu_ex")
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -75,8 +83,15 @@ LOADERS: dict[str, Callable] = {
     ),
     "brax": lambda roots, cfg: load_brax(roots["brax"], cfg),
     "slake": lambda roots, cfg: load_slake(roots["slake"], cfg),
+    "mimic_cxr_vqa": lambda roots, cfg: load_mimic_cxr_vqa(roots["mimic_cxr_vqa"],
+                                                           roots.get("mimic_cxr"), cfg),
+    "medical_diff_vqa": lambda roots, cfg: load_medical_diff_vqa(roots["medical_diff_vqa"],
+                                                                 roots.get("mimic_cxr"), cfg),
 }  # fmt: skip
-MIMIC_DERIVED = ("mimic_cxr",)  # sources whose images are MIMIC's (MS-CXR guarded separately)
+# Sources whose images are MIMIC-CXR-JPG's, read under data.roots.mimic_cxr (beside MIMIC itself).
+ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa")
+# Sources whose training records must not hold an MS-CXR image (MS-CXR guarded separately).
+MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa")
 
 
 def selected_sources(cfg: dict) -> list[str]:
@@ -96,8 +111,10 @@ def selected_sources(cfg: dict) -> list[str]:
             + (f" ({', '.join(later)}: no adapter yet, see docs/datasets.md)" if later else "")
             + f"; use {PHANTOM}, paper, or names of {', '.join(SOURCES)} joined by '+'"
         )
-    if "ms_cxr" in names and "mimic_cxr" not in names and not roots.get("mimic_cxr"):
-        raise source_error(MIMIC, "MS-CXR's images are MIMIC-CXR-JPG files: set its root too")
+    on_mimic = [n for n in names if n in ON_MIMIC_IMAGES]
+    if on_mimic and "mimic_cxr" not in names and not roots.get("mimic_cxr"):
+        raise source_error(MIMIC, f"the images of {', '.join(on_mimic)} are MIMIC-CXR-JPG files: "
+                           "set its root too")  # fmt: skip
     return names
 
 
@@ -124,7 +141,7 @@ def check_data_roots(cfg: dict) -> list[str]:
             check_root(SOURCES[name], roots.get(name))
         except SourceError as e:
             problems.append(str(e))
-    if "ms_cxr" in names and "mimic_cxr" not in names:
+    if any(n in ON_MIMIC_IMAGES for n in names) and "mimic_cxr" not in names:
         try:
             check_root(MIMIC, roots.get("mimic_cxr"))
         except SourceError as e:
@@ -147,22 +164,26 @@ def guard_leakage(records: list[dict]) -> dict[str, int]:
                      for im in r["images"]}  # fmt: skip
     mimic_test = {im.get("dicom_id") for r in records if r["source"] == "mimic_cxr"
                   and r["split"] == "test" for im in r["images"]}  # fmt: skip
+    # Images of other sets on MIMIC images carry their MIMIC split (MIMIC itself may not be built).
+    mimic_test |= {im["dicom_id"] for r in records for im in _all_images(r)
+                   if im.get("mimic_split") == "test"}  # fmt: skip
     kept, removed = [], set()
     for r in records:
-        ids = {im.get("dicom_id") for im in _all_images(r)}
+        ids = {im.get("dicom_id") for im in _all_images(r)} - {None}
         if r["split"] != "test" and r["source"] in MIMIC_DERIVED and ids & ms_cxr_images:
             counts[f"{r['source']}_{r['split']}_studies_with_ms_cxr_images"] += 1
-            removed.add(r["study_id"])
+            removed.add((r["source"], r["study_id"]))
             continue
-        if r["split"] != "test" and r["source"] == "ms_cxr" and ids & mimic_test:
-            counts[f"ms_cxr_{r['split']}_images_in_mimic_test"] += 1
-            removed.add(r["study_id"])
+        if r["split"] != "test" and r["source"] in ON_MIMIC_IMAGES and ids & mimic_test:
+            what = "images" if r["source"] == "ms_cxr" else "records_with_images"
+            counts[f"{r['source']}_{r['split']}_{what}_in_mimic_test"] += 1
+            removed.add((r["source"], r["study_id"]))
             continue
         kept.append(r)
     records[:] = kept
     # A removed study may be another's prior: drop those links too (the prior's text leaks).
     for r in records:
-        if r["prior"] is not None and r["prior"]["study_id"] in removed:
+        if r["prior"] is not None and (r["source"], r["prior"]["study_id"]) in removed:
             r["prior"] = None
             counts["priors_unlinked"] += 1
     return dict(counts)

@@ -15,6 +15,29 @@ Only ``test.json`` is read (the paper evaluates on it and trains on no SLAKE que
 (``modality == "X-Ray"`` and a chest ``location``: Chest*, Lung, Heart, Mediastinum). One record
 per image, split ``test``; what was left out is counted. SLAKE's chest X-rays come from NIH
 ChestX-ray14 under new names: an overlap with NIH's training images cannot be checked here.
+
+MIMIC-CXR-VQA (``data.roots.mimic_cxr_vqa``; PhysioNet mimic-ext-mimic-cxr-vqa 1.0.0)::
+
+    mimiccxrvqa/dataset/{train,valid,test}.json   [{"split", "idx", "image_id" (= dicom_id),
+                                                    "question", "content_type", "semantic_type",
+                                                    "template", ..., "answer": [...],
+                                                    "subject_id", "study_id", "image_path"}, ...]
+
+One record per image with its questions; the answer list joined with ", " (an empty list is
+``none``, counted); ``semantic_type == "verify"`` (yes / no) is closed, the rest open.
+
+Medical-Diff-VQA (``data.roots.medical_diff_vqa``; PhysioNet medical-diff-vqa 1.0.0)::
+
+    mimic_pair_questions.csv   study_id, subject_id, ref_id, question_type, question, answer, split
+    mimic_all.csv              subject_id, study_id, <14 labels>, dicom_id, view, split, ...
+
+One record per (main study, reference study) pair: the main study's image (``mimic_all.csv``'s
+``dicom_id``), its non-difference questions in ``qa`` and, with the reference study's image as
+``prior``, the ``difference`` questions in ``diff_qa``. Splits are the files' (``val`` -> val).
+
+The images of both are MIMIC-CXR-JPG's, found under ``data.roots.mimic_cxr``; each image carries
+its MIMIC split (``mimic_split``) so that the leakage guard removes training records with a MIMIC
+test image (either image of a pair) or an MS-CXR image.
 """
 
 from __future__ import annotations
@@ -30,9 +53,11 @@ from cxrlib.data.sources.base import (
     empty_labels,
     find_file,
     image_entry,
+    read_table,
     source_error,
     study_record,
 )
+from cxrlib.data.sources.mimic import SPLIT_NAMES, mimic_image_entry, mimic_images
 
 SLAKE = SourceInfo(
     "slake", "SLAKE 1.0", "https://www.med-vqa.com/slake/",
@@ -41,6 +66,18 @@ SLAKE = SourceInfo(
 )  # fmt: skip
 SLAKE_KEYS = ("img_name", "question", "answer", "answer_type", "q_lang", "modality", "location")
 CHEST_WORDS = ("chest", "lung", "heart", "mediastin")
+MIMIC_CXR_VQA = SourceInfo(
+    "mimic_cxr_vqa", "MIMIC-CXR-VQA 1.0.0 (mimic-ext-mimic-cxr-vqa)",
+    "https://physionet.org/content/mimic-ext-mimic-cxr-vqa/",
+    ("mimiccxrvqa/dataset/train.json, valid.json, test.json",),
+)  # fmt: skip
+MIMIC_CXR_VQA_KEYS = ("image_id", "question", "answer", "subject_id", "study_id")
+MEDICAL_DIFF_VQA = SourceInfo(
+    "medical_diff_vqa", "Medical-Diff-VQA 1.0.0", "https://physionet.org/content/medical-diff-vqa/",
+    ("mimic_pair_questions.csv", "mimic_all.csv"),
+)  # fmt: skip
+PAIR_COLUMNS = ["study_id", "subject_id", "ref_id", "question_type", "question", "answer", "split"]
+CLOSED_ANSWERS = {"yes", "no"}
 
 
 def read_json_items(info: SourceInfo, path: Path, keys: Sequence[str]) -> list[dict]:
@@ -96,3 +133,107 @@ def load_slake(root, cfg: dict, files=(("test.json", "test"),)) -> tuple[list[di
     counts["questions"] = sum(len(r["qa"]) for r in records)
     counts["images"] = len(records)
     return records, dict(counts)
+
+
+def load_mimic_cxr_vqa(root, mimic_root, cfg: dict) -> tuple[list[dict], dict]:
+    """MIMIC-CXR-VQA: one record per MIMIC image with its questions (``qa``)."""
+    root = check_root(MIMIC_CXR_VQA, root)
+    table = mimic_images(mimic_root)
+    counts: Counter = Counter()
+    by_image: dict[str, dict] = {}
+    for name in ("train", "valid", "test"):
+        path = find_file(MIMIC_CXR_VQA, root, [f"mimiccxrvqa/dataset/{name}.json",
+                                               f"dataset/{name}.json", f"{name}.json"])  # fmt: skip
+        items = read_json_items(MIMIC_CXR_VQA, path, MIMIC_CXR_VQA_KEYS)
+        counts[f"questions_{name}"] = len(items)
+        for item in items:
+            answer = item["answer"]
+            parts = [str(a).strip() for a in answer] if isinstance(answer, list) else [str(answer)]
+            if not parts:
+                counts["empty_answers_as_none"] += 1
+            qa = {"question": str(item["question"]).strip(),
+                  "answer": ", ".join(parts) or "none",
+                  "answer_type": "closed" if item.get("semantic_type") == "verify" else "open",
+                  "question_type": item.get("content_type")}  # fmt: skip
+            entry = by_image.setdefault(str(item["image_id"]), {
+                "split": SPLIT_NAMES[name], "subject": str(item["subject_id"]), "qa": []})  # fmt: skip
+            entry["qa"].append(qa)
+    records = []
+    for dicom_id, entry in by_image.items():
+        image = mimic_image_entry(mimic_root, table, dicom_id, counts)
+        if image is None:
+            counts["questions_dropped_image"] += len(entry["qa"])
+            continue
+        records.append(study_record(f"mimicvqa-{dicom_id}", entry["subject"], entry["split"],
+                                    "mimic_cxr_vqa", empty_labels(), [image], label_space=[],
+                                    qa=entry["qa"]))  # fmt: skip
+    counts["images"] = len(records)
+    counts["questions"] = sum(len(r["qa"]) for r in records)
+    return records, dict(counts)
+
+
+def _ids(series) -> list[str]:
+    """Study / subject ids as strings whether the csv wrote them as ints, floats or text."""
+    return ["" if v != v else str(v).removesuffix(".0").lstrip("s") for v in series]
+
+
+def load_medical_diff_vqa(root, mimic_root, cfg: dict) -> tuple[list[dict], dict]:
+    """Medical-Diff-VQA: one record per (main, reference) study pair, ``qa`` + ``diff_qa``."""
+    root = check_root(MEDICAL_DIFF_VQA, root)
+    table = mimic_images(mimic_root)
+    pairs = read_table(MEDICAL_DIFF_VQA, find_file(MEDICAL_DIFF_VQA, root, [
+        "mimic_pair_questions.csv", "mimic_pair_questions.csv.gz"]), PAIR_COLUMNS, dtype=str)  # fmt: skip
+    studies = read_table(MEDICAL_DIFF_VQA, find_file(MEDICAL_DIFF_VQA, root, [
+        "mimic_all.csv", "mimic_all.csv.gz"]), ["study_id", "dicom_id"], dtype=str)  # fmt: skip
+    dicom_of: dict[str, str] = {}
+    for study, dicom in zip(_ids(studies["study_id"]), studies["dicom_id"]):
+        dicom_of.setdefault(study, str(dicom))  # one image per study (the dataset's choice)
+    counts: Counter = Counter(questions=len(pairs))
+    groups: dict[tuple[str, str], dict] = {}
+    for study, subject, ref, qtype, question, answer, split in zip(
+        _ids(pairs["study_id"]), _ids(pairs["subject_id"]), _ids(pairs["ref_id"]),
+        pairs["question_type"], pairs["question"], pairs["answer"], pairs["split"],
+    ):  # fmt: skip
+        answer = str(answer).strip()
+        qa = {"question": str(question).strip(), "answer": answer, "question_type": str(qtype),
+              "answer_type": "closed" if answer.lower() in CLOSED_ANSWERS else "open"}  # fmt: skip
+        group = groups.setdefault((study, ref), {"subject": subject, "split": split, "qa": [],
+                                                 "diff_qa": []})  # fmt: skip
+        group["diff_qa" if qtype == "difference" else "qa"].append(qa)
+    records = []
+    for (study, ref), group in groups.items():
+        main = _study_image(mimic_root, table, dicom_of, study, counts)
+        if main is None:
+            counts["questions_dropped_main_image"] += len(group["qa"]) + len(group["diff_qa"])
+            continue
+        prior = None
+        if group["diff_qa"]:
+            ref_image = _study_image(mimic_root, table, dicom_of, ref, counts)
+            if ref_image is None:
+                counts["difference_questions_dropped_reference_image"] += len(group["diff_qa"])
+                group["diff_qa"] = []
+            else:
+                prior = {"study_id": ref, "findings_text": "", "impression": "",
+                         "labels": empty_labels(), "findings": [], "images": [ref_image]}  # fmt: skip
+        if not group["qa"] and not group["diff_qa"]:
+            continue
+        split = SPLIT_NAMES.get(str(group["split"]))
+        if split is None:
+            raise source_error(MEDICAL_DIFF_VQA, f"split '{group['split']}' of study {study}",
+                               expected="mimic_pair_questions.csv split in train|val|test")  # fmt: skip
+        rec = study_record(f"diffvqa-{study}-{ref}", group["subject"], split, "medical_diff_vqa",
+                           empty_labels(), [main], label_space=[], qa=group["qa"],
+                           diff_qa=group["diff_qa"])  # fmt: skip
+        rec["prior"] = prior
+        records.append(rec)
+    counts["records"] = len(records)
+    counts["with_reference"] = sum(r["prior"] is not None for r in records)
+    return records, dict(counts)
+
+
+def _study_image(mimic_root, table, dicom_of, study, counts) -> dict | None:
+    dicom = dicom_of.get(study)
+    if dicom is None:
+        counts["studies_not_in_mimic_all"] += 1
+        return None
+    return mimic_image_entry(mimic_root, table, dicom, counts)
