@@ -120,6 +120,7 @@ class DataRoots(_Section):
     slake: StrictStr | None
     mimic_cxr_vqa: StrictStr | None
     medical_diff_vqa: StrictStr | None
+    radialog: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

@@ -347,3 +347,87 @@ def test_mimic_vqa_sets_errors(mimic_vqa_roots, tmp_path):
     with pytest.raises(SourceError, match="(?s)missing file.*mimiccxrvqa/dataset/valid.json"
                        ".*data.roots.mimic_cxr_vqa"):  # fmt: skip
         load_mimic_cxr_vqa(vqa_root, mimic_vqa_roots["mimic_cxr"], smoke())
+
+
+# --- RaDialog-Instruct ------------------------------------------------------------------------------------
+def write_radialog(root: Path) -> Path:
+    root.mkdir(parents=True)
+    prefix = "mimic-cxr-jpg/2.0.0/files"
+
+    def item(k, study, subject, k_img, turns, task_type="CL"):
+        conv = []
+        for i, (q, a) in enumerate(turns):
+            conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
+                     {"from": "gpt", "value": a}]  # fmt: skip
+        return {"id": f"conv{k}", "task_type": task_type, "conversations": conv,
+                "image": f"{prefix}/p{subject[:2]}/p{subject}/s{study}/{dicom_id(study, k_img)}.jpg"}  # fmt: skip
+
+    items = [
+        item(
+            0,
+            "50000001",
+            "10000032",
+            0,
+            [("Is there cardiomegaly?", "Yes."), ("Where is the effusion?", "Left base.")],
+        ),  # fmt: skip
+        item(1, "50000001", "10000032", 0, [("Write the report.", "The heart ...")], "RG"),
+        item(2, "50000010", "10000764", 0, [("Is there edema?", "No.")]),  # a MIMIC test image
+        item(3, "50000003", "10000032", 0, [("Any opacity?", "Yes.")]),  # an MS-CXR image
+        {
+            "id": "conv4",
+            "task_type": "CL",
+            "image": f"{prefix}/x/{dicom_id('50000001', 0)}.jpg",
+            "conversations": [{"from": "gpt", "value": "Hello"}],
+        },  # fmt: skip
+    ]
+    (root / "mimic_cxr_instruct_llava_v2.json").write_text(json.dumps(items))
+    return root
+
+
+def test_radialog_dialogs_and_leakage(tmp_path):
+    from cxrlib.data.sources.vqa import load_radialog
+
+    mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
+    root = write_radialog(tmp_path / "radialog")
+    records, counts = load_radialog(root, mimic, smoke())
+    assert counts["skipped_task_type_RG"] == 1 and counts["conversations_malformed"] == 1
+    assert len(records) == 3 and {r["split"] for r in records} == {"train"}
+    first = records[0]
+    assert first["images"][0]["path"].endswith(f"s50000001/{dicom_id('50000001', 0)}.jpg")
+    conv = build_conversation("vqa", indexed(first), 0)
+    assert [t["user"] for t in conv["turns"]] == [
+        "radiology image: <image> Is there cardiomegaly?", "Where is the effusion?"]  # fmt: skip
+    assert [t["assistant"] for t in conv["turns"]] == ["Yes.", "Left base."]
+    assert conv["images"] == [0] and supported_tasks(indexed(first)) == ["vqa"]
+    cfg = smoke(source="radialog+ms_cxr", roots={"mimic_cxr": str(mimic), "radialog": str(root),
+                                                 "ms_cxr": str(write_ms_cxr(tmp_path / "ms"))})  # fmt: skip
+    records, counts = load_sources(cfg, ["ms_cxr", "radialog"])
+    removed = counts["leakage_removed"]
+    assert removed["radialog_train_studies_with_ms_cxr_images"] == 1
+    assert removed["radialog_train_records_with_images_in_mimic_test"] == 1
+    assert [r["study_id"] for r in records if r["source"] == "radialog"] == ["radialog-conv0"]
+    for k, im in enumerate(im for r in records for im in r["images"]):
+        im["index"] = k
+    with pytest.warns(UserWarning, match="official mixture"):
+        ds = ConversationDataset(records, None, None, cfg, split="train")
+    assert set(ds.weights) == {"vqa@radialog", "grounded_phrase@ms_cxr", "phrase_grounding@ms_cxr"}
+    assert ds.weights["vqa@radialog"] == pytest.approx(70 / 74)
+
+
+def test_radialog_missing_file_and_key(tmp_path):
+    from cxrlib.data.sources.vqa import load_radialog
+
+    mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
+    root = write_radialog(tmp_path / "radialog")
+    items = json.loads((root / "mimic_cxr_instruct_llava_v2.json").read_text())
+    del items[2]["conversations"]
+    (root / "mimic_cxr_instruct_llava_v2.json").write_text(json.dumps(items))
+    with pytest.raises(
+        SourceError, match=r"(?s)RaDialog.*item 2 has no key\(s\) \['conversations'\]"
+    ):
+        load_radialog(root, mimic, smoke())
+    (root / "mimic_cxr_instruct_llava_v2.json").unlink()
+    with pytest.raises(
+        SourceError, match="(?s)mimic_cxr_instruct_llava_v2.json.*data.roots.radialog"
+    ):
+        load_radialog(root, mimic, smoke())

@@ -48,9 +48,11 @@ from cxrlib.data.sources.nih import NIH, load_nih
 from cxrlib.data.sources.vqa import (
     MEDICAL_DIFF_VQA,
     MIMIC_CXR_VQA,
+    RADIALOG,
     SLAKE,
     load_medical_diff_vqa,
     load_mimic_cxr_vqa,
+    load_radialog,
     load_slake,
 )
 
@@ -61,13 +63,13 @@ MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
     MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
-    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA,
+    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG,
 )}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("chest_imagenome", "radialog", "jsrt", "qata_cov19", "covid_qu_ex")
+NOT_IMPLEMENTED = ("chest_imagenome", "jsrt", "qata_cov19", "covid_qu_ex")
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -87,11 +89,12 @@ LOADERS: dict[str, Callable] = {
                                                            roots.get("mimic_cxr"), cfg),
     "medical_diff_vqa": lambda roots, cfg: load_medical_diff_vqa(roots["medical_diff_vqa"],
                                                                  roots.get("mimic_cxr"), cfg),
+    "radialog": lambda roots, cfg: load_radialog(roots["radialog"], roots.get("mimic_cxr"), cfg),
 }  # fmt: skip
 # Sources whose images are MIMIC-CXR-JPG's, read under data.roots.mimic_cxr (beside MIMIC itself).
-ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa")
+ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog")
 # Sources whose training records must not hold an MS-CXR image (MS-CXR guarded separately).
-MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa")
+MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog")
 
 
 def selected_sources(cfg: dict) -> list[str]:

@@ -35,7 +35,19 @@ One record per (main study, reference study) pair: the main study's image (``mim
 ``dicom_id``), its non-difference questions in ``qa`` and, with the reference study's image as
 ``prior``, the ``difference`` questions in ``diff_qa``. Splits are the files' (``val`` -> val).
 
-The images of both are MIMIC-CXR-JPG's, found under ``data.roots.mimic_cxr``; each image carries
+RaDialog-Instruct (``data.roots.radialog``; PhysioNet radialog-instruct-dataset 1.1.0)::
+
+    mimic_cxr_instruct_llava_v2.json   [{"image": ".../<dicom_id>.jpg", "conversations":
+                                         [{"from": "human", "value": "<image>\n..."},
+                                          {"from": "gpt", "value": "..."}, ...],
+                                         "task_type": "RG" | ...}, ...]
+
+One record per conversation (``dialog``: its human / gpt turns in order, the ``<image>`` mark
+removed: the builder puts the card's image prefix before the first turn), split train. The image
+is found by its dicom id (the file name of ``image``) under the MIMIC root; ``task_type == "RG"``
+(report generation, which MIMIC-CXR's own report tasks cover) is left out, as in the release.
+
+The images of these sets are MIMIC-CXR-JPG's, found under ``data.roots.mimic_cxr``; each image carries
 its MIMIC split (``mimic_split``) so that the leakage guard removes training records with a MIMIC
 test image (either image of a pair) or an MS-CXR image.
 """
@@ -47,6 +59,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from cxrlib.constants import IMAGE_TOKEN
 from cxrlib.data.sources.base import (
     SourceInfo,
     check_root,
@@ -76,6 +89,12 @@ MEDICAL_DIFF_VQA = SourceInfo(
     "medical_diff_vqa", "Medical-Diff-VQA 1.0.0", "https://physionet.org/content/medical-diff-vqa/",
     ("mimic_pair_questions.csv", "mimic_all.csv"),
 )  # fmt: skip
+RADIALOG = SourceInfo(
+    "radialog", "RaDialog-Instruct 1.1.0", "https://physionet.org/content/radialog-instruct-dataset/",
+    ("mimic_cxr_instruct_llava_v2.json",),
+)  # fmt: skip
+RADIALOG_KEYS = ("image", "conversations")
+SKIPPED_TASK_TYPES = {"RG"}
 PAIR_COLUMNS = ["study_id", "subject_id", "ref_id", "question_type", "question", "answer", "split"]
 CLOSED_ANSWERS = {"yes", "no"}
 
@@ -237,3 +256,50 @@ def _study_image(mimic_root, table, dicom_of, study, counts) -> dict | None:
         counts["studies_not_in_mimic_all"] += 1
         return None
     return mimic_image_entry(mimic_root, table, dicom, counts)
+
+
+def dialog_turns(conversation) -> list[dict] | None:
+    """LLaVA ``conversations`` -> ``[{"user", "assistant"}]`` (``<image>`` removed), or None when
+    the turns do not alternate human / gpt or a value is empty."""
+    if not isinstance(conversation, list) or not conversation or len(conversation) % 2:
+        return None
+    turns = []
+    for human, gpt in zip(conversation[0::2], conversation[1::2]):
+        if not (isinstance(human, dict) and isinstance(gpt, dict)):
+            return None
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            return None
+        user = " ".join(str(human.get("value", "")).replace(IMAGE_TOKEN, " ").split())
+        assistant = str(gpt.get("value", "")).strip()
+        if not user or not assistant:
+            return None
+        turns.append({"user": user, "assistant": assistant})
+    return turns
+
+
+def load_radialog(root, mimic_root, cfg: dict) -> tuple[list[dict], dict]:
+    """RaDialog-Instruct: one training record per conversation (``dialog``)."""
+    root = check_root(RADIALOG, root)
+    table = mimic_images(mimic_root)
+    items = read_json_items(RADIALOG, find_file(RADIALOG, root, [
+        "mimic_cxr_instruct_llava_v2.json"]), RADIALOG_KEYS)  # fmt: skip
+    counts: Counter = Counter(conversations=len(items))
+    records = []
+    for k, item in enumerate(items):
+        task_type = item.get("task_type")
+        if task_type in SKIPPED_TASK_TYPES:
+            counts[f"skipped_task_type_{task_type}"] += 1
+            continue
+        turns = dialog_turns(item["conversations"])
+        if turns is None:
+            counts["conversations_malformed"] += 1
+            continue
+        image = mimic_image_entry(mimic_root, table, Path(str(item["image"])).stem, counts)
+        if image is None:
+            continue
+        subject = table[image["dicom_id"]][0]
+        records.append(study_record(f"radialog-{item.get('id', k)}", subject, "train", "radialog",
+                                    empty_labels(), [image], label_space=[], dialog=turns,
+                                    task_type=task_type))  # fmt: skip
+    counts["records"] = len(records)
+    return records, dict(counts)
