@@ -121,6 +121,7 @@ class DataRoots(_Section):
     mimic_cxr_vqa: StrictStr | None
     medical_diff_vqa: StrictStr | None
     radialog: StrictStr | None
+    chest_imagenome: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

@@ -431,3 +431,110 @@ def test_radialog_missing_file_and_key(tmp_path):
         SourceError, match="(?s)mimic_cxr_instruct_llava_v2.json.*data.roots.radialog"
     ):
         load_radialog(root, mimic, smoke())
+
+
+# --- Chest ImaGenome --------------------------------------------------------------------------------------
+REGIONS = {"right lung": [2, 4, 14, 36], "right lower lung zone": [2, 24, 14, 36],
+           "left lung": [18, 4, 30, 36], "cardiac silhouette": [10, 18, 24, 34],
+           "trachea": [15, 2, 15, 10]}  # an empty box (zero width)  # fmt: skip
+
+
+def scene_graph(dicom: str) -> dict:
+    objects = [{"object_id": f"{dicom}_{name}", "bbox_name": name, "name": name.title(),
+                "original_x1": b[0], "original_y1": b[1], "original_x2": b[2],
+                "original_y2": b[3], "original_width": 32, "original_height": 40,
+                "x1": 0, "y1": 0, "x2": 1, "y2": 1, "width": 1, "height": 1}
+               for name, b in REGIONS.items()]  # fmt: skip
+    opacity = "Right lower lobe opacity."
+    attributes = [
+        {"bbox_name": "right lung", "phrases": [opacity],
+         "attributes": [["anatomicalfinding|yes|lung opacity", "nlp|yes|abnormal"]]},
+        {"bbox_name": "right lower lung zone", "phrases": [opacity],
+         "attributes": [["anatomicalfinding|yes|lung opacity"]]},
+        {"bbox_name": "left lung", "phrases": ["The left lung is clear."],
+         "attributes": [["anatomicalfinding|no|lung opacity", "nlp|yes|normal"]]},
+    ]  # fmt: skip
+    return {"image_id": dicom, "viewpoint": "PA", "objects": objects, "attributes": attributes,
+            "relationships": []}  # fmt: skip
+
+
+def write_imagenome(root: Path) -> Path:
+    splits = root / "silver_dataset" / "splits"
+    graphs = root / "silver_dataset" / "scene_graph"
+    graphs.mkdir(parents=True)
+    splits.mkdir(parents=True)
+    files = {"train": [("50000001", "10000032"), ("50000003", "10000032"),
+                       ("50000010", "10000764"), ("50000002", "10000032")],
+             "valid": [("50000001", "10000032", 1)],  # no scene graph
+             "test": [("50000011", "10000764")]}  # fmt: skip
+    for name, rows in files.items():
+        frame = [dict(dicom_id=dicom_id(r[0], r[2] if len(r) > 2 else 0), subject_id=r[1],
+                      study_id=r[0], path="") for r in rows]  # fmt: skip
+        pd.DataFrame(frame).to_csv(splits / f"{name}.csv", index=False)
+        for row in frame:
+            if name != "valid":
+                (graphs / f"{row['dicom_id']}_SceneGraph.json").write_text(
+                    json.dumps(scene_graph(row["dicom_id"]))
+                )
+    pd.DataFrame([dict(dicom_id=dicom_id("50000002", 0), subject_id="10000032",
+                       study_id="50000002")]).to_csv(splits / "images_to_avoid.csv", index=False)  # fmt: skip
+    return root
+
+
+def test_chest_imagenome_regions_phrases_tasks_and_leakage(tmp_path):
+    from cxrlib.data.boxes import to_relative
+    from cxrlib.data.sources.imagenome import load_chest_imagenome
+
+    mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
+    root = write_imagenome(tmp_path / "chest-imagenome")
+    records, counts = load_chest_imagenome(root, mimic, smoke())
+    assert counts["gold_images_left_out_of_training"] == 1
+    assert counts["images_without_scene_graph"] == 1 and counts["regions_with_empty_box"] == 4
+    assert len(records) == 4 and {r["split"] for r in records} == {"train", "test"}
+    first = indexed(records[0])
+    image = first["images"][0]
+    assert set(image["region_boxes"]) == set(REGIONS) - {"trachea"} and image["hw"] == [40, 32]
+    # one phrase, positive in two nested regions: only the specific one is kept; "clear": none
+    assert image["phrase_boxes"] == [{"observation": "lung opacity",
+                                      "phrase": "Right lower lobe opacity",
+                                      "boxes": [[2.0, 24.0, 14.0, 36.0]]}]  # fmt: skip
+    organs = {build_conversation("organ_grounding", first, s)["meta"]["organ"] for s in range(40)}
+    assert organs == {"right lung", "right lower lung zone", "left lung", "cardiac silhouette"}
+    conv = build_conversation("phrase_grounding", first, 0)
+    assert conv["meta"]["phrase"] == "Right lower lobe opacity"
+    assert conv["meta"]["boxes"] == [to_relative([2, 24, 14, 36], (40, 32))]
+    assert build_conversation("grounded_organ", first, 0) is not None
+    # + the synthetic view question every image supports (not in the official mixture)
+    assert sorted(supported_tasks(first)) == ["grounded_organ", "grounded_phrase",
+                                              "organ_grounding", "phrase_grounding", "vqa"]  # fmt: skip
+    cfg = smoke(source="chest_imagenome+ms_cxr",
+                roots={"mimic_cxr": str(mimic), "chest_imagenome": str(root),
+                       "ms_cxr": str(write_ms_cxr(tmp_path / "ms"))})  # fmt: skip
+    records, counts = load_sources(cfg, ["ms_cxr", "chest_imagenome"])
+    removed = counts["leakage_removed"]
+    assert removed["chest_imagenome_train_studies_with_ms_cxr_images"] == 1
+    assert removed["chest_imagenome_train_records_with_images_in_mimic_test"] == 1
+    for k, im in enumerate(im for r in records for im in r["images"]):
+        im["index"] = k
+    with pytest.warns(UserWarning, match="official mixture"):
+        ds = ConversationDataset(records, None, None, cfg, split="train")
+    mine = {k: w for k, w in ds.weights.items() if k.endswith("@chest_imagenome")}
+    assert set(mine) == {"grounded_phrase@chest_imagenome", "phrase_grounding@chest_imagenome",
+                         "organ_grounding@chest_imagenome", "grounded_organ@chest_imagenome"}  # fmt: skip
+    assert mine["phrase_grounding@chest_imagenome"] / mine["organ_grounding@chest_imagenome"] == 2
+
+
+def test_chest_imagenome_errors(tmp_path):
+    from cxrlib.data.sources.imagenome import load_chest_imagenome
+
+    mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
+    root = write_imagenome(tmp_path / "chest-imagenome")
+    (root / "silver_dataset" / "splits" / "valid.csv").unlink()
+    with pytest.raises(SourceError, match="(?s)Chest ImaGenome.*silver_dataset/splits/valid.csv"
+                       ".*data.roots.chest_imagenome"):  # fmt: skip
+        load_chest_imagenome(root, mimic, smoke())
+    for p in (root / "silver_dataset" / "scene_graph").iterdir():
+        p.unlink()
+    (root / "silver_dataset" / "scene_graph").rmdir()
+    with pytest.raises(SourceError, match="(?s)no folder .*scene_graph.*extract"):
+        load_chest_imagenome(root, mimic, smoke())

@@ -318,6 +318,20 @@ def organ_boxes(image: dict) -> dict[str, list[int]]:
     return out
 
 
+def region_boxes(image: dict) -> dict[str, list[int]]:
+    """Visible 0-100 boxes of an image's named anatomical regions (``region_boxes``: Chest
+    ImaGenome's ``right lung``, ``cardiac silhouette``, ...), sorted by name."""
+    if not image.get("region_boxes"):
+        return {}
+    hw = _image_hw(image)
+    out = {}
+    for name in sorted(image["region_boxes"]):
+        rel = to_relative(image["region_boxes"][name], hw)
+        if is_visible(rel):
+            out[name] = rel
+    return out
+
+
 def negative_observations(study: dict) -> list[str]:
     """CheXpert observations (not No Finding) that are certainly absent: not positive, not
     uncertain, and not among the study's findings at all."""
@@ -573,7 +587,8 @@ def build_abnormality_detection(study, rng):
 
 
 def _organ_candidates(study):
-    return [(im, organ, box) for im in _frontal(study) for organ, box in organ_boxes(im).items()]
+    return [(im, organ, box) for im in _frontal(study)
+            for organ, box in (organ_boxes(im) | region_boxes(im)).items()]  # fmt: skip
 
 
 def build_organ_grounding(study, rng):

@@ -36,6 +36,7 @@ from cxrlib.data.sources.base import SourceError, SourceInfo, check_root, source
 from cxrlib.data.sources.brax import BRAX, load_brax
 from cxrlib.data.sources.chexpert import CHEXPERT, load_chexpert
 from cxrlib.data.sources.detection import RSNA, SIIM, VINDR, load_rsna, load_siim, load_vindr
+from cxrlib.data.sources.imagenome import CHEST_IMAGENOME, load_chest_imagenome
 from cxrlib.data.sources.images import ImageFileError, ImageStore, image_size
 from cxrlib.data.sources.masks import (
     CHESTX_DET10,
@@ -63,13 +64,13 @@ MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
     MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
-    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG,
+    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG, CHEST_IMAGENOME,
 )}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("chest_imagenome", "jsrt", "qata_cov19", "covid_qu_ex")
+NOT_IMPLEMENTED = ("jsrt", "qata_cov19", "covid_qu_ex")
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -90,11 +91,14 @@ LOADERS: dict[str, Callable] = {
     "medical_diff_vqa": lambda roots, cfg: load_medical_diff_vqa(roots["medical_diff_vqa"],
                                                                  roots.get("mimic_cxr"), cfg),
     "radialog": lambda roots, cfg: load_radialog(roots["radialog"], roots.get("mimic_cxr"), cfg),
+    "chest_imagenome": lambda roots, cfg: load_chest_imagenome(roots["chest_imagenome"],
+                                                               roots.get("mimic_cxr"), cfg),
 }  # fmt: skip
 # Sources whose images are MIMIC-CXR-JPG's, read under data.roots.mimic_cxr (beside MIMIC itself).
-ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog")
+ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog", "chest_imagenome")
 # Sources whose training records must not hold an MS-CXR image (MS-CXR guarded separately).
-MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog")
+MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog",
+                 "chest_imagenome")  # fmt: skip
 
 
 def selected_sources(cfg: dict) -> list[str]:
@@ -225,7 +229,7 @@ def index_images(records: list[dict], read_missing_sizes: bool = True) -> list[s
                 index_of[im["path"]] = len(paths)
                 paths.append(im["path"])
             im["index"] = index_of[im["path"]]
-            has_boxes = im["finding_boxes"] or im.get("phrase_boxes")
+            has_boxes = im["finding_boxes"] or im.get("phrase_boxes") or im.get("region_boxes")
             if im["hw"] is None and has_boxes and read_missing_sizes:  # boxes need the size
                 im["hw"] = list(image_size(im["path"]))
     return paths
