@@ -122,6 +122,7 @@ class DataRoots(_Section):
     medical_diff_vqa: StrictStr | None
     radialog: StrictStr | None
     chest_imagenome: StrictStr | None
+    covid_qu_ex: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

@@ -14,6 +14,7 @@ from test_sources import dicom_id, write_mimic, write_ms_cxr
 
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
+from cxrlib.data.boxes import to_relative
 from cxrlib.data.conversations import build_conversation, supported_tasks
 from cxrlib.data.datasets import ConversationDataset, build_datasets, load_datasets
 from cxrlib.data.sources import SourceError, load_sources
@@ -482,7 +483,6 @@ def write_imagenome(root: Path) -> Path:
 
 
 def test_chest_imagenome_regions_phrases_tasks_and_leakage(tmp_path):
-    from cxrlib.data.boxes import to_relative
     from cxrlib.data.sources.imagenome import load_chest_imagenome
 
     mimic = write_mimic(tmp_path / "mimic-cxr-jpg")
@@ -538,3 +538,74 @@ def test_chest_imagenome_errors(tmp_path):
     (root / "silver_dataset" / "scene_graph").rmdir()
     with pytest.raises(SourceError, match="(?s)no folder .*scene_graph.*extract"):
         load_chest_imagenome(root, mimic, smoke())
+
+
+# --- COVID-QU-Ex ------------------------------------------------------------------------------------------
+def write_covid_qu_ex(root: Path) -> Path:
+    base = root / "Infection Segmentation Data" / "Infection Segmentation Data"
+    lungs = np.zeros((32, 32), np.uint8)
+    lungs[4:28, 2:14] = 255  # image-left part = the patient's right lung
+    lungs[4:28, 18:30] = 255
+    infection = np.zeros((32, 32), np.uint8)
+    infection[10:14, 4:8] = 255  # right lung
+    infection[20:26, 20:28] = 255  # left lung
+    for split in ("Train", "Val", "Test"):
+        for cls in ("COVID-19", "Non-COVID", "Normal"):
+            name = f"{cls.lower()}_{split.lower()}_1.png"
+            save_png(base / split / cls / "images" / name, hw=(64, 64))  # masks are half the size
+            (base / split / cls / "lung masks").mkdir()
+            (base / split / cls / "infection masks").mkdir()
+            Image.fromarray(lungs).save(base / split / cls / "lung masks" / name)
+            Image.fromarray(infection if cls == "COVID-19" else 0 * infection).save(
+                base / split / cls / "infection masks" / name
+            )
+    return root
+
+
+def test_covid_qu_ex_lung_and_infection_boxes(tmp_path):
+    from cxrlib.data.sources.masks import load_covid_qu_ex
+
+    root = write_covid_qu_ex(tmp_path / "covidqu")
+    records, counts = load_covid_qu_ex(root, smoke())
+    assert len(records) == 9 and counts["boxes"] == 6 and not counts.get("images_without_two_lungs")
+    by_id = {r["study_id"]: r for r in records}
+    covid = by_id["covidqu-Train-COVID-19-covid-19_train_1"]
+    image = covid["images"][0]
+    assert covid["split"] == "train" and covid["labels"]["Pneumonia"] == 1
+    assert image["organ_boxes"] == {"right lung": [4.0, 8.0, 28.0, 56.0],
+                                    "left lung": [36.0, 8.0, 60.0, 56.0]}  # fmt: skip
+    assert [b["box"] for b in image["finding_boxes"]] == [[8.0, 20.0, 16.0, 28.0],
+                                                         [40.0, 40.0, 56.0, 52.0]]  # fmt: skip
+    normal = indexed(by_id["covidqu-Test-Normal-normal_test_1"])
+    other = indexed(by_id["covidqu-Val-Non-COVID-non-covid_val_1"])
+    assert normal["split"] == "test" and other["label_space"] == []
+    assert (
+        build_conversation("finding_grounding", normal, 0)["turns"][0]["assistant"]
+        == "Not present."
+    )
+    assert build_conversation("finding_grounding", other, 0) is None  # Non-COVID: unlabelled
+    conv = build_conversation("abnormality_detection", indexed(covid), 0)
+    assert conv["meta"]["boxes"] == sorted(to_relative(b["box"], (64, 64))
+                                           for b in image["finding_boxes"])  # fmt: skip
+    assert build_conversation("grounded_organ", other, 0) is not None
+    for k, im in enumerate(im for r in records for im in r["images"]):
+        im["index"] = k
+    with pytest.warns(UserWarning, match="official mixture: 45 of 50"):
+        ds = ConversationDataset(records, None, None, smoke(), split="train")
+    assert set(ds.weights) == {f"{t}@covid_qu_ex" for t in (
+        "finding_grounding", "grounded_finding", "abnormality_detection", "organ_grounding",
+        "grounded_organ")}  # fmt: skip
+
+
+def test_covid_qu_ex_missing_folders(tmp_path):
+    from cxrlib.data.sources.masks import load_covid_qu_ex
+
+    with pytest.raises(SourceError, match="(?s)COVID-QU-Ex.*Infection Segmentation Data/Train"
+                       ".*data.roots.covid_qu_ex"):  # fmt: skip
+        load_covid_qu_ex(tmp_path, smoke())
+    root = write_covid_qu_ex(tmp_path / "covidqu")
+    folder = root / "Infection Segmentation Data" / "Infection Segmentation Data" / "Val" / "Normal"
+    for p in (folder / "images").iterdir():
+        p.unlink()
+    with pytest.raises(SourceError, match="(?s)no images in .*Val/Normal/images"):
+        load_covid_qu_ex(root, smoke())

@@ -41,8 +41,10 @@ from cxrlib.data.sources.images import ImageFileError, ImageStore, image_size
 from cxrlib.data.sources.masks import (
     CHESTX_DET10,
     COVID19_RADIOGRAPHY,
+    COVID_QU_EX,
     load_chestx_det10,
     load_covid19_radiography,
+    load_covid_qu_ex,
 )
 from cxrlib.data.sources.mimic import MIMIC, MS_CXR, load_mimic, load_ms_cxr
 from cxrlib.data.sources.nih import NIH, load_nih
@@ -64,13 +66,13 @@ MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
 SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
     MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
-    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG, CHEST_IMAGENOME,
+    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG, CHEST_IMAGENOME, COVID_QU_EX,
 )}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("jsrt", "qata_cov19", "covid_qu_ex")
+NOT_IMPLEMENTED = ("jsrt", "qata_cov19")
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -93,6 +95,7 @@ LOADERS: dict[str, Callable] = {
     "radialog": lambda roots, cfg: load_radialog(roots["radialog"], roots.get("mimic_cxr"), cfg),
     "chest_imagenome": lambda roots, cfg: load_chest_imagenome(roots["chest_imagenome"],
                                                                roots.get("mimic_cxr"), cfg),
+    "covid_qu_ex": lambda roots, cfg: load_covid_qu_ex(roots["covid_qu_ex"], cfg),
 }  # fmt: skip
 # Sources whose images are MIMIC-CXR-JPG's, read under data.roots.mimic_cxr (beside MIMIC itself).
 ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog", "chest_imagenome")
