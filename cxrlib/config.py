@@ -116,6 +116,13 @@ class DataRoots(_Section):
     vindr: StrictStr | None
     chestx_det10: StrictStr | None
     covid19_radiography: StrictStr | None
+    brax: StrictStr | None
+    slake: StrictStr | None
+    mimic_cxr_vqa: StrictStr | None
+    medical_diff_vqa: StrictStr | None
+    radialog: StrictStr | None
+    chest_imagenome: StrictStr | None
+    covid_qu_ex: StrictStr | None
 
 
 assert set(DataRoots.model_fields) == set(REAL_SOURCES), "one data.roots key per real source"

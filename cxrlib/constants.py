@@ -125,4 +125,5 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # The sources whose studies have written reports (phase-1 pairs, the small LM's corpus).
 REPORT_SOURCES = ("iu", "mimic_cxr")
 REAL_SOURCES = ("mimic_cxr", "ms_cxr", "nih", "chexpert", "rsna", "siim", "vindr", "chestx_det10",
-                "covid19_radiography")  # fmt: skip
+                "covid19_radiography", "brax", "slake", "mimic_cxr_vqa",
+                "medical_diff_vqa", "radialog", "chest_imagenome", "covid_qu_ex")  # fmt: skip

@@ -246,11 +246,11 @@ def test_more_than_five_images_is_an_error(mimic_root):
 def test_unknown_source_is_an_error():
     from cxrlib.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"unknown source\(s\) \['brax'\]"):
-        smoke(source="mimic_cxr+brax")
+    with pytest.raises(ConfigError, match=r"unknown source\(s\) \['jsrt'\]"):
+        smoke(source="mimic_cxr+jsrt")
     cfg = smoke()
-    cfg["data"]["source"] = "mimic_cxr+brax"  # a config that skipped the schema
-    with pytest.raises(SourceError, match="brax: no adapter yet"):
+    cfg["data"]["source"] = "mimic_cxr+jsrt"  # a config that skipped the schema
+    with pytest.raises(SourceError, match="jsrt: no adapter yet"):
         check_data_roots(cfg)
 
 

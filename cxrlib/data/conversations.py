@@ -30,6 +30,11 @@ Choices the card leaves open (documented here once):
   (yes/no) or ``open``.
 - ``difference_vqa`` compares the prior (reference) and current (main) frontal images using the
   longitudinal record's ``changes``.
+- Records of the VQA datasets carry their own questions: ``qa`` (``vqa``) and ``diff_qa``
+  (``difference_vqa``, main = the record's image, reference = its ``prior``'s), each
+  ``{"question", "answer", "answer_type", "question_type"}``, asked verbatim in the card's wrapper
+  with the dataset's answer; ``dialog`` (RaDialog-Instruct) is a conversation used as it is, the
+  image prefix before its first user turn (``sources/base.py`` documents the fields).
 
 Introduced in notebook 01; ``cxrlib.inference`` reuses the prompt helpers (``report_user_turns``,
 ``finding_grounding_question``, ...) so training and inference prompts cannot drift apart.
@@ -313,6 +318,20 @@ def organ_boxes(image: dict) -> dict[str, list[int]]:
     return out
 
 
+def region_boxes(image: dict) -> dict[str, list[int]]:
+    """Visible 0-100 boxes of an image's named anatomical regions (``region_boxes``: Chest
+    ImaGenome's ``right lung``, ``cardiac silhouette``, ...), sorted by name."""
+    if not image.get("region_boxes"):
+        return {}
+    hw = _image_hw(image)
+    out = {}
+    for name in sorted(image["region_boxes"]):
+        rel = to_relative(image["region_boxes"][name], hw)
+        if is_visible(rel):
+            out[name] = rel
+    return out
+
+
 def negative_observations(study: dict) -> list[str]:
     """CheXpert observations (not No Finding) that are certainly absent: not positive, not
     uncertain, and not among the study's findings at all."""
@@ -568,7 +587,8 @@ def build_abnormality_detection(study, rng):
 
 
 def _organ_candidates(study):
-    return [(im, organ, box) for im in _frontal(study) for organ, box in organ_boxes(im).items()]
+    return [(im, organ, box) for im in _frontal(study)
+            for organ, box in (organ_boxes(im) | region_boxes(im)).items()]  # fmt: skip
 
 
 def build_organ_grounding(study, rng):
@@ -690,11 +710,35 @@ def vqa_questions(study: dict, image: dict) -> dict[str, list[tuple[str, str]]]:
     return {k: v for k, v in out.items() if v}
 
 
+def _given_vqa(task: str, images: list[int], prefix: str, study: dict, item: dict) -> dict:
+    """A dataset's own question (``qa`` / ``diff_qa`` item) in the card's wrapper."""
+    wrapper = DIFF_VQA_Q if task == "difference_vqa" else VQA_Q
+    user = _join(prefix, wrapper.format(question=item["question"].strip()))
+    return _conv(task, images, [(user, item["answer"])], study_id=study["study_id"],
+                 question_type=item.get("question_type"), answer=item["answer"],
+                 answer_type=item.get("answer_type", "open"))  # fmt: skip
+
+
+def _dialog(study: dict, image: dict) -> dict:
+    """A given conversation (``dialog``: user / assistant turns): the image prefix goes first."""
+    turns = [(t["user"], t["assistant"]) for t in study["dialog"]]
+    turns[0] = (_single(turns[0][0]), turns[0][1])
+    return _conv("vqa", [image["index"]], turns, study_id=study["study_id"],
+                 question_type=study.get("task_type"), answer=turns[-1][1], answer_type="open")  # fmt: skip
+
+
 def build_vqa(study, rng):
     """``Answer the question. {question}`` about one image; the question type is drawn uniformly
-    among those the study supports, then the question (presence: yes/no balanced)."""
+    among those the study supports, then the question (presence: yes/no balanced). A record of
+    a VQA dataset asks one of its own questions (``qa``) or replays its ``dialog``."""
     if not study.get("images"):
         return None
+    if study.get("dialog"):
+        return _dialog(study, study["images"][0])
+    if study.get("qa"):
+        item = _pick(rng, study["qa"])
+        image = study["images"][item.get("image", 0)]
+        return _given_vqa("vqa", [image["index"]], _single(""), study, item)
     image = _pick(rng, study["images"])
     options = vqa_questions(study, image)
     qtype = _pick(rng, sorted(options))
@@ -737,8 +781,15 @@ def difference_questions(changes: dict[str, str]) -> dict[str, list[tuple[str, s
 
 
 def build_difference_vqa(study, rng):
-    """``reference: <image>, main: <image> Using the provided ...`` on prior vs current frontals."""
+    """``reference: <image>, main: <image> Using the provided ...`` on prior vs current frontals
+    (a VQA dataset's own difference questions, ``diff_qa``, when the record has them)."""
     prior = study.get("prior")
+    if prior and study.get("diff_qa") and prior.get("images") and study.get("images"):
+        images = [prior["images"][0]["index"], study["images"][0]["index"]]
+        conv = _given_vqa("difference_vqa", images, DIFF_VQA_PREFIX, study,
+                          _pick(rng, study["diff_qa"]))  # fmt: skip
+        conv["meta"]["prior_study_id"] = prior.get("study_id")
+        return conv
     if not prior or study.get("changes") is None:
         return None
     ref, main = _frontal(prior), _frontal(study)

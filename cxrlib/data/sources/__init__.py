@@ -15,8 +15,9 @@ Each adapter reads one dataset's own published layout from the folder the preset
     data = load_datasets(out)               # data.images is a lazy ImageStore
 
 Leakage guards (``guard_leakage``): studies of MIMIC-derived training sets that contain an MS-CXR
-image are removed; MS-CXR training images that are MIMIC test images are removed; each count is
-saved in ``stats.json``.
+image are removed; MS-CXR training images that are MIMIC test images are removed; training
+records of the sets on MIMIC images (VQA, ...) with a MIMIC test image (any of a pair's images)
+are removed; each count is saved in ``stats.json``.
 """
 
 from __future__ import annotations
@@ -32,31 +33,46 @@ from cxrlib.config import save_config
 from cxrlib.constants import REAL_SOURCES
 from cxrlib.data.labels import SPLITS, save_splits
 from cxrlib.data.sources.base import SourceError, SourceInfo, check_root, source_error
+from cxrlib.data.sources.brax import BRAX, load_brax
 from cxrlib.data.sources.chexpert import CHEXPERT, load_chexpert
 from cxrlib.data.sources.detection import RSNA, SIIM, VINDR, load_rsna, load_siim, load_vindr
+from cxrlib.data.sources.imagenome import CHEST_IMAGENOME, load_chest_imagenome
 from cxrlib.data.sources.images import ImageFileError, ImageStore, image_size
 from cxrlib.data.sources.masks import (
     CHESTX_DET10,
     COVID19_RADIOGRAPHY,
+    COVID_QU_EX,
     load_chestx_det10,
     load_covid19_radiography,
+    load_covid_qu_ex,
 )
 from cxrlib.data.sources.mimic import MIMIC, MS_CXR, load_mimic, load_ms_cxr
 from cxrlib.data.sources.nih import NIH, load_nih
+from cxrlib.data.sources.vqa import (
+    MEDICAL_DIFF_VQA,
+    MIMIC_CXR_VQA,
+    RADIALOG,
+    SLAKE,
+    load_medical_diff_vqa,
+    load_mimic_cxr_vqa,
+    load_radialog,
+    load_slake,
+)
 
 __all__ = ["SourceError", "check_data_roots", "build_source_datasets", "selected_sources"]
 
 PHANTOM = "iu_phantom"
 MAX_IMAGES = 5  # the card: multi-image prompts use up to 5 images of a study
 IMAGE_FILES = "image_files.json"
-SOURCES: dict[str, SourceInfo] = {s.name: s for s in (MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM,
-                                                      VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY)}  # fmt: skip
+SOURCES: dict[str, SourceInfo] = {s.name: s for s in (
+    MIMIC, MS_CXR, NIH, CHEXPERT, RSNA, SIIM, VINDR, CHESTX_DET10, COVID19_RADIOGRAPHY, BRAX, SLAKE,
+    MIMIC_CXR_VQA, MEDICAL_DIFF_VQA, RADIALOG, CHEST_IMAGENOME, COVID_QU_EX,
+)}  # fmt: skip
 assert tuple(SOURCES) == REAL_SOURCES, "constants.REAL_SOURCES lists every adapter (schema keys)"
 # Sources the paper needs for its test protocol (report generation and phrase grounding).
 PAPER_REQUIRED = ("mimic_cxr", "ms_cxr")
 # Sources of the paper's mixture that no adapter reads yet (documented in docs/datasets.md).
-NOT_IMPLEMENTED = ("chest_imagenome", "medical_diff_vqa", "mimic_cxr_vqa", "radialog", "brax",
-                   "jsrt", "qata_cov19", "covid_qu_ex", "slake")  # fmt: skip
+NOT_IMPLEMENTED = ("jsrt", "qata_cov19")
 LOADERS: dict[str, Callable] = {
     "mimic_cxr": lambda roots, cfg: load_mimic(roots["mimic_cxr"], cfg,
                                                cfg["data"].get("mimic_labels", "chexpert")),
@@ -70,8 +86,22 @@ LOADERS: dict[str, Callable] = {
     "covid19_radiography": lambda roots, cfg: load_covid19_radiography(
         roots["covid19_radiography"], cfg
     ),
+    "brax": lambda roots, cfg: load_brax(roots["brax"], cfg),
+    "slake": lambda roots, cfg: load_slake(roots["slake"], cfg),
+    "mimic_cxr_vqa": lambda roots, cfg: load_mimic_cxr_vqa(roots["mimic_cxr_vqa"],
+                                                           roots.get("mimic_cxr"), cfg),
+    "medical_diff_vqa": lambda roots, cfg: load_medical_diff_vqa(roots["medical_diff_vqa"],
+                                                                 roots.get("mimic_cxr"), cfg),
+    "radialog": lambda roots, cfg: load_radialog(roots["radialog"], roots.get("mimic_cxr"), cfg),
+    "chest_imagenome": lambda roots, cfg: load_chest_imagenome(roots["chest_imagenome"],
+                                                               roots.get("mimic_cxr"), cfg),
+    "covid_qu_ex": lambda roots, cfg: load_covid_qu_ex(roots["covid_qu_ex"], cfg),
 }  # fmt: skip
-MIMIC_DERIVED = ("mimic_cxr",)  # sources whose images are MIMIC's (MS-CXR guarded separately)
+# Sources whose images are MIMIC-CXR-JPG's, read under data.roots.mimic_cxr (beside MIMIC itself).
+ON_MIMIC_IMAGES = ("ms_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog", "chest_imagenome")
+# Sources whose training records must not hold an MS-CXR image (MS-CXR guarded separately).
+MIMIC_DERIVED = ("mimic_cxr", "mimic_cxr_vqa", "medical_diff_vqa", "radialog",
+                 "chest_imagenome")  # fmt: skip
 
 
 def selected_sources(cfg: dict) -> list[str]:
@@ -91,8 +121,10 @@ def selected_sources(cfg: dict) -> list[str]:
             + (f" ({', '.join(later)}: no adapter yet, see docs/datasets.md)" if later else "")
             + f"; use {PHANTOM}, paper, or names of {', '.join(SOURCES)} joined by '+'"
         )
-    if "ms_cxr" in names and "mimic_cxr" not in names and not roots.get("mimic_cxr"):
-        raise source_error(MIMIC, "MS-CXR's images are MIMIC-CXR-JPG files: set its root too")
+    on_mimic = [n for n in names if n in ON_MIMIC_IMAGES]
+    if on_mimic and "mimic_cxr" not in names and not roots.get("mimic_cxr"):
+        raise source_error(MIMIC, f"the images of {', '.join(on_mimic)} are MIMIC-CXR-JPG files: "
+                           "set its root too")  # fmt: skip
     return names
 
 
@@ -119,7 +151,7 @@ def check_data_roots(cfg: dict) -> list[str]:
             check_root(SOURCES[name], roots.get(name))
         except SourceError as e:
             problems.append(str(e))
-    if "ms_cxr" in names and "mimic_cxr" not in names:
+    if any(n in ON_MIMIC_IMAGES for n in names) and "mimic_cxr" not in names:
         try:
             check_root(MIMIC, roots.get("mimic_cxr"))
         except SourceError as e:
@@ -142,22 +174,26 @@ def guard_leakage(records: list[dict]) -> dict[str, int]:
                      for im in r["images"]}  # fmt: skip
     mimic_test = {im.get("dicom_id") for r in records if r["source"] == "mimic_cxr"
                   and r["split"] == "test" for im in r["images"]}  # fmt: skip
+    # Images of other sets on MIMIC images carry their MIMIC split (MIMIC itself may not be built).
+    mimic_test |= {im["dicom_id"] for r in records for im in _all_images(r)
+                   if im.get("mimic_split") == "test"}  # fmt: skip
     kept, removed = [], set()
     for r in records:
-        ids = {im.get("dicom_id") for im in _all_images(r)}
+        ids = {im.get("dicom_id") for im in _all_images(r)} - {None}
         if r["split"] != "test" and r["source"] in MIMIC_DERIVED and ids & ms_cxr_images:
             counts[f"{r['source']}_{r['split']}_studies_with_ms_cxr_images"] += 1
-            removed.add(r["study_id"])
+            removed.add((r["source"], r["study_id"]))
             continue
-        if r["split"] != "test" and r["source"] == "ms_cxr" and ids & mimic_test:
-            counts[f"ms_cxr_{r['split']}_images_in_mimic_test"] += 1
-            removed.add(r["study_id"])
+        if r["split"] != "test" and r["source"] in ON_MIMIC_IMAGES and ids & mimic_test:
+            what = "images" if r["source"] == "ms_cxr" else "records_with_images"
+            counts[f"{r['source']}_{r['split']}_{what}_in_mimic_test"] += 1
+            removed.add((r["source"], r["study_id"]))
             continue
         kept.append(r)
     records[:] = kept
     # A removed study may be another's prior: drop those links too (the prior's text leaks).
     for r in records:
-        if r["prior"] is not None and r["prior"]["study_id"] in removed:
+        if r["prior"] is not None and (r["source"], r["prior"]["study_id"]) in removed:
             r["prior"] = None
             counts["priors_unlinked"] += 1
     return dict(counts)
@@ -196,7 +232,7 @@ def index_images(records: list[dict], read_missing_sizes: bool = True) -> list[s
                 index_of[im["path"]] = len(paths)
                 paths.append(im["path"])
             im["index"] = index_of[im["path"]]
-            has_boxes = im["finding_boxes"] or im.get("phrase_boxes")
+            has_boxes = im["finding_boxes"] or im.get("phrase_boxes") or im.get("region_boxes")
             if im["hw"] is None and has_boxes and read_missing_sizes:  # boxes need the size
                 im["hw"] = list(image_size(im["path"]))
     return paths

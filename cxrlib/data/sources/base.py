@@ -11,6 +11,19 @@ exactly as the IU-Phantom path writes them, except that each image names its fil
 relative to the dataset's root) instead of a row of ``images.npy``; ``build`` gives every image
 its ``index`` into the lazy image store. ``label_space`` lists the CheXpert observations the
 source actually labels: a label outside it is unknown, never a negative (NIH has no "Fracture").
+
+Optional fields (absent = none; the sources that have them set them, the others keep working):
+
+- ``qa``: the dataset's own questions about the record's image(s) (SLAKE, MIMIC-CXR-VQA,
+  Medical-Diff-VQA): ``[{"question", "answer", "answer_type": "closed"|"open",
+  "question_type", "image": index into images (default 0)}]``;
+- ``diff_qa``: questions comparing the ``prior`` (reference) and the record (main) images
+  (Medical-Diff-VQA's difference questions), items as in ``qa``;
+- ``dialog``: a given conversation ``[{"user", "assistant"}, ...]`` (RaDialog-Instruct);
+- per image, ``region_boxes``: anatomical regions by name, pixel boxes (Chest ImaGenome), used
+  by the organ tasks beside ``organ_boxes``; ``phrase_boxes`` (MS-CXR, ImaGenome):
+  ``[{"observation", "phrase", "boxes"}]``; ``mimic_split``: the image's MIMIC-CXR split, read by
+  the leakage guard for sources on MIMIC images.
 """
 
 from __future__ import annotations

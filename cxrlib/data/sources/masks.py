@@ -1,4 +1,5 @@
-"""Datasets whose labels are JSON boxes or segmentation masks: ChestX-Det10, COVID-19 Radiography.
+"""Datasets whose labels are JSON boxes or segmentation masks: ChestX-Det10, COVID-19 Radiography,
+COVID-QU-Ex.
 
 ChestX-Det10 (``data.roots.chestx_det10``)::
 
@@ -18,6 +19,19 @@ COVID-19 Radiography's lung masks give organ boxes: the two largest connected pa
 the one on the image's left being the patient's right lung (radiological convention, as the
 phantom's ``organ_boxes``); the class gives Lung Opacity / Pneumonia (viral or COVID-19) / No
 Finding.
+
+COVID-QU-Ex (``data.roots.covid_qu_ex``; the Kaggle download, layout as read by public loaders)::
+
+    Infection Segmentation Data/Infection Segmentation Data/{Train,Val,Test}/
+        {COVID-19,Non-COVID,Normal}/{images,infection masks,lung masks}/<name>.png
+    (the doubled folder is Kaggle's; a single "Infection Segmentation Data/Train/..." works too)
+
+Only the Infection Segmentation Data part is read (its images have lung and infection masks; the
+larger Lung Segmentation Data part, lung masks only, is not: whether the two parts share images
+is not known here, and a shared image could cross splits). Split: the folder's. Lung masks give
+right / left lung boxes (as above); a COVID-19 image's infection mask gives Pneumonia boxes, one
+per lung (the extent of the infected pixels inside that lung's box). Labels: COVID-19 -> Pneumonia
+positive, Normal -> negative, Non-COVID (other lung diseases, pneumonias among them) unlabelled.
 """
 
 from __future__ import annotations
@@ -163,5 +177,90 @@ def load_covid19_radiography(root, cfg: dict) -> tuple[list[dict], dict]:
         records.append(study_record(f"covid-{path.stem}", f"covid-{path.stem}", split_of[path.stem],
                                     "covid19_radiography", _labels(COVID_SPACE, {obs}), [image],
                                     label_space=COVID_SPACE))  # fmt: skip
+    counts["images"] = len(records)
+    return records, dict(counts)
+
+
+# --- COVID-QU-Ex ----------------------------------------------------------------------------------------
+COVID_QU_EX = SourceInfo(
+    "covid_qu_ex", "COVID-QU-Ex", "https://www.kaggle.com/datasets/anasmohammedtahir/covidqu",
+    ("Infection Segmentation Data/{Train,Val,Test}/{COVID-19,Non-COVID,Normal}/"
+     "{images,infection masks,lung masks}/<name>.png",),
+)  # fmt: skip
+QU_SET = "Infection Segmentation Data"
+QU_SPLITS = {"Train": "train", "Val": "val", "Test": "test"}
+QU_CLASSES = ("COVID-19", "Non-COVID", "Normal")
+
+
+def _mask(path: Path, hw: tuple[int, int]) -> tuple[np.ndarray, float, float] | None:
+    """A binary mask and its scale to the image (masks may be another size), or None."""
+    if not path.is_file():
+        return None
+    mask = np.asarray(Image.open(path).convert("L")) > 0
+    return mask, hw[0] / mask.shape[0], hw[1] / mask.shape[1]
+
+
+def _scaled(box, sy: float, sx: float) -> list[float]:
+    return [round(box[0] * sx, 2), round(box[1] * sy, 2), round(box[2] * sx, 2),
+            round(box[3] * sy, 2)]  # fmt: skip
+
+
+def infection_boxes(infection: np.ndarray, lungs: dict[str, list[int]]) -> list[list[int]]:
+    """One box per lung: the extent of the infected pixels inside that lung's box (the whole
+    mask's extent when no lung boxes are known); [] without infected pixels."""
+    regions = list(lungs.values()) or [[0, 0, infection.shape[1], infection.shape[0]]]
+    out = []
+    for x1, y1, x2, y2 in regions:
+        ys, xs = np.nonzero(infection[y1:y2, x1:x2])
+        if len(xs):
+            out.append([x1 + int(xs.min()), y1 + int(ys.min()), x1 + int(xs.max()) + 1,
+                        y1 + int(ys.max()) + 1])  # fmt: skip
+    return out
+
+
+def load_covid_qu_ex(root, cfg: dict) -> tuple[list[dict], dict]:
+    root = check_root(COVID_QU_EX, root)
+    base = next((p for p in (root / QU_SET / QU_SET, root / QU_SET) if (p / "Train").is_dir()),
+                None)  # Kaggle's download nests the folder in itself  # fmt: skip
+    if base is None:
+        raise source_error(COVID_QU_EX, f"no folder '{QU_SET}/Train' (or '{QU_SET}/{QU_SET}/Train') "
+                           f"in {root}", expected=COVID_QU_EX.files[0])  # fmt: skip
+    counts: Counter = Counter()
+    records = []
+    for folder, split in QU_SPLITS.items():
+        for cls in QU_CLASSES:
+            images = sorted((base / folder / cls / "images").glob("*.png"))
+            if not images:
+                raise source_error(COVID_QU_EX, f"no images in {base / folder / cls / 'images'}",
+                                   expected=COVID_QU_EX.files[0])  # fmt: skip
+            for path in images:
+                with Image.open(path) as im:
+                    hw = (im.height, im.width)
+                organs, boxes, lungs = {}, [], {}
+                lung = _mask(base / folder / cls / "lung masks" / path.name, hw)
+                if lung is None:
+                    counts["images_without_lung_mask"] += 1
+                else:
+                    lungs = lung_boxes(lung[0].astype(np.uint8))  # in the lung mask's pixels
+                    organs = {k: _scaled(b, lung[1], lung[2]) for k, b in lungs.items()}
+                    counts["images_without_two_lungs"] += not organs
+                infection = _mask(base / folder / cls / "infection masks" / path.name, hw)
+                if cls == "COVID-19" and infection is None:
+                    counts["covid_images_without_infection_mask"] += 1
+                elif infection is not None and infection[0].any():
+                    if lung is not None and lung[0].shape != infection[0].shape:
+                        lungs = {}  # different frames: fall back to the mask's whole extent
+                        counts["infection_and_lung_masks_differ_in_size"] += 1
+                    boxes = [finding_box("Pneumonia", _scaled(b, *infection[1:]))
+                             for b in infection_boxes(infection[0], lungs)]  # fmt: skip
+                image = image_entry(path, "PA", hw, boxes)
+                image["organ_boxes"] = organs
+                # Non-COVID images hold other lung diseases (pneumonias among them): unlabelled.
+                space = [] if cls == "Non-COVID" else ["Pneumonia"]
+                labels = _labels(space, {"Pneumonia"} if cls == "COVID-19" else set())
+                sid = f"covidqu-{folder}-{cls}-{path.stem}"
+                records.append(study_record(sid, sid, split, "covid_qu_ex", labels, [image],
+                                            label_space=space))  # fmt: skip
+                counts["boxes"] += len(boxes)
     counts["images"] = len(records)
     return records, dict(counts)

@@ -257,3 +257,43 @@ def _subject_from_path(path: str) -> str:
         raise source_error(MS_CXR, f"path '{path}' is not a MIMIC-CXR-JPG image path",
                            expected="files/pXX/p<subject>/s<study>/<dicom_id>.jpg")  # fmt: skip
     return match.group(1)
+
+
+# --- the MIMIC-CXR-JPG images other datasets point to ---------------------------------------------
+_IMAGE_TABLES: dict[str, dict[str, tuple]] = {}
+
+
+def mimic_images(mimic_root) -> dict[str, tuple]:
+    """``dicom_id -> (subject_id, study_id, split, view, (rows, columns))`` from MIMIC-CXR-JPG's
+    split and metadata files, read once per root: the VQA sets, Chest ImaGenome and RaDialog
+    name MIMIC images, and their MIMIC split is what the leakage guard checks."""
+    root = check_root(MIMIC, mimic_root)
+    key = str(root.resolve())
+    if key not in _IMAGE_TABLES:
+        split_df = read_table(MIMIC, find_file(MIMIC, root, _csv(root, "mimic-cxr-2.0.0-split")),
+                              ["dicom_id", "split"], dtype=str)  # fmt: skip
+        meta = read_table(MIMIC, find_file(MIMIC, root, _csv(root, "mimic-cxr-2.0.0-metadata")),
+                          ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"],
+                          dtype={"dicom_id": str, "subject_id": str, "study_id": str})  # fmt: skip
+        split_of = dict(zip(split_df["dicom_id"], split_df["split"]))
+        _IMAGE_TABLES[key] = {
+            d: (sub, st, SPLIT_NAMES.get(str(split_of.get(d))), normalise_view(v), (int(r), int(c)))
+            for d, sub, st, v, r, c in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"],
+                                           meta["ViewPosition"], meta["Rows"], meta["Columns"])
+        }  # fmt: skip
+    return _IMAGE_TABLES[key]
+
+
+def mimic_image_entry(mimic_root, table: dict, dicom_id: str, counts: Counter) -> dict | None:
+    """The image record of a MIMIC dicom (with its ``mimic_split``), or None (counted) when the
+    dicom is not in MIMIC-CXR-JPG's files or has a view other than PA / AP / lateral."""
+    row = table.get(str(dicom_id))
+    if row is None or row[2] is None:
+        counts["images_not_in_mimic_cxr_jpg"] += 1
+        return None
+    subject, study, split, view, hw = row
+    if view is None:
+        counts["images_dropped_other_view"] += 1
+        return None
+    return image_entry(image_path(Path(mimic_root).expanduser(), subject, study, str(dicom_id)),
+                       view, hw, dicom_id=str(dicom_id), mimic_split=split)  # fmt: skip
