@@ -92,3 +92,12 @@ def test_part_param_groups_scale_one_part():
     with pytest.raises(ValueError, match="train no parameter"):
         part_param_groups(named[2:], 0.1, 1e-3, {"encoder": 0.1})
     part_param_groups(named[2:], 0.1, 1e-3, {"encoder": 1.0})  # 1 = the default: no error
+
+
+def test_image_words_none_leaves_no_facts_to_copy():
+    study = example_study()
+    conv = build_conversation("multi_label", study, 0)
+    user = to_text_conversation(conv, study, image_words="none")["turns"][0]["user"]
+    assert "(image)" in user and "cardiomegaly, mild" not in user
+    with pytest.raises(TextInstructionError, match="image_words"):
+        to_text_conversation(conv, study, image_words="pixels")
