@@ -328,7 +328,13 @@ def match_image_token_scale(model, features: torch.Tensor) -> float:
 
 
 def align_projector_to_words(
-    model, features: torch.Tensor, texts: list[str], steps: int, lr: float, batch_size: int, seed: int
+    model,
+    features: torch.Tensor,
+    texts: list[str],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
 ) -> dict:
     """Teach the projector to write each image's description in the LLM's word-embedding space.
 

@@ -180,9 +180,11 @@ CHECKS = {
         m["steps"] == 4 and 0 < m["trainable_parameters"] < m["total_parameters"]
     ),
     # the direct prompt is scored only for a model trained on it (issue 14, target 4)
-    "05-cot-inference": lambda m: m["test_studies"] > 0
-    and len(m["reports"]) == 3 + m["direct_trained"]
-    and ("direct_single" in m["reports"]) == m["direct_trained"],
+    "05-cot-inference": lambda m: (
+        m["test_studies"] > 0
+        and len(m["reports"]) == 3 + m["direct_trained"]
+        and ("direct_single" in m["reports"]) == m["direct_trained"]
+    ),
     "06-evaluation": lambda m: (
         bool(m["labeler"])
         and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]

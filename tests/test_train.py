@@ -489,6 +489,8 @@ def test_word_alignment_makes_the_projector_write_each_image_s_words():
     kind = torch.arange(n) % 2
     features = torch.randn(n, p, c) * 0.1 + kind.view(n, 1, 1).float()
     texts = ["(cardiomegaly)" if k else "(no abnormality)" for k in kind.tolist()]
-    got = align_projector_to_words(model, features, texts, steps=150, lr=3e-3, batch_size=16, seed=0)
+    got = align_projector_to_words(
+        model, features, texts, steps=150, lr=3e-3, batch_size=16, seed=0
+    )
     assert got["final_loss"] < 0.7 * got["constant_loss"] < got["first_loss"]
     assert not any(q.requires_grad for q in model.projector.parameters())  # frozen as before
