@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -130,6 +131,7 @@ def jupyterlab(tmp_path):
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # one process group: the server and its kernels
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -150,12 +152,20 @@ def jupyterlab(tmp_path):
             time.sleep(0.5)
         yield {"url": url, "token": token, "root": lab}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server, url, token)
         log.close()
+
+
+def _stop(server: subprocess.Popen, url: str, token: str) -> None:
+    """Shut the server down with its kernels (the REST call), else end its process group."""
+    try:
+        request = urllib.request.Request(f"{url}/api/shutdown?token={token}", method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        server.wait(timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)  # the kernels run in the server's group
+            server.wait()
 
 
 @pytest.fixture
