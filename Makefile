@@ -1,5 +1,6 @@
 # M4CXR reproduction. `make all` sets up .venv and runs every notebook; `make test` runs the tests.
-# PRESET=smoke|tiny|paper (default tiny). Executed notebooks and artifacts go to build/<PRESET>/.
+# PRESET=smoke|tiny|paper (default tiny) or PRESET=path/to/my.yaml (a preset of your own, README).
+# Executed notebooks and artifacts go to build/<preset>/ (build/<file name without .yaml> for a file).
 # OVERRIDES="key.path=value ..." changes the preset in every notebook (use a fresh BUILD=...).
 
 PRESET ?= tiny
@@ -7,14 +8,26 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 KERNEL := m4cxr
-BUILD ?= build/$(PRESET)
 FIGURES ?= figures
 PYTEST_ARGS ?=
 OVERRIDES ?=
 
-ifeq ($(filter $(PRESET),smoke tiny paper),)
-$(error unknown PRESET '$(PRESET)': use PRESET=smoke, PRESET=tiny (default) or PRESET=paper)
+# A built-in preset is a name; a user's preset is the path of a YAML file (it inherits a built-in
+# one, so a change to cxrlib/presets/ re-runs its notebooks too). PRESET_FILE is what make watches.
+BUILTIN_PRESETS := $(wildcard cxrlib/presets/*.yaml)
+ifneq ($(filter %.yaml %.yml,$(PRESET)),)
+ifeq ($(wildcard $(PRESET)),)
+$(error preset file '$(PRESET)' does not exist: create it first, e.g. `cp cxrlib/presets/tiny.yaml $(PRESET)` (README, "A preset of your own"))
 endif
+PRESET_NAME := $(basename $(notdir $(PRESET)))
+PRESET_FILE := $(PRESET) $(BUILTIN_PRESETS)
+else ifneq ($(filter $(PRESET),smoke tiny paper),)
+PRESET_NAME := $(PRESET)
+PRESET_FILE := cxrlib/presets/$(PRESET).yaml cxrlib/presets/tiny.yaml
+else
+$(error unknown PRESET '$(PRESET)': use PRESET=smoke, PRESET=tiny (default), PRESET=paper or PRESET=path/to/my.yaml)
+endif
+BUILD ?= build/$(PRESET_NAME)
 
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 EXECUTED := $(patsubst notebooks/%,$(BUILD)/notebooks/%,$(NOTEBOOKS))
@@ -26,7 +39,7 @@ RUN_NOTEBOOK := $(PY) -m cxrlib.run_notebook --preset $(PRESET) --output-dir $(B
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
-	@echo "  variables: PRESET=smoke|tiny|paper (default tiny), BUILD=$(BUILD), FIGURES=$(FIGURES)"
+	@echo "  variables: PRESET=smoke|tiny|paper|my.yaml (default tiny), BUILD=$(BUILD), FIGURES=$(FIGURES)"
 	@echo "             OVERRIDES=\"lora.r=16 train.phase2.steps=50\" (preset changes; use a fresh BUILD)"
 
 install: $(STAMP) ## create .venv, install cxrlib with its dependencies and the Jupyter kernel
@@ -48,7 +61,7 @@ smoke: ## the same pipeline with the smoke preset, into build/smoke (figures too
 
 # One rule runs any notebook; the lines below it are the real hand-offs between stages, so an
 # unchanged stage is not re-run.
-$(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb cxrlib/presets/$(PRESET).yaml $(STAMP)
+$(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb $(PRESET_FILE) $(STAMP)
 	$(RUN_NOTEBOOK) $< $@
 
 DATA_LIB := $(wildcard cxrlib/data/*.py)

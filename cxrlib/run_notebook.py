@@ -6,6 +6,8 @@
 A failing cell (a missing stage artifact, missing weights, ...) ends with the notebook's own error
 message on one line and the path of the executed copy to inspect, not papermill's traceback.
 
+``--preset`` is a built-in name or the path of your own YAML file (``make all PRESET=my.yaml``;
+relative to the current folder, passed to the notebook as an absolute path).
 ``--overrides "lora.r=16 train.phase2.steps=50"`` is passed to every notebook as its ``OVERRIDES``
 parameter (``make all OVERRIDES="..."``). The kernel talks to papermill over IPC sockets (no
 "running over TCP without encryption" warning per notebook), is not sent a SIGINT at
@@ -98,13 +100,19 @@ def run(
 
     from cxrlib.config import PRESETS, is_preset_file
 
-    if preset not in PRESETS and not (is_preset_file(preset) and Path(preset).is_file()):
+    if is_preset_file(preset):
+        if not Path(preset).is_file():
+            sys.exit(
+                f"error: preset file '{preset}' does not exist (relative to {Path.cwd()}): "
+                "create it, e.g. `cp cxrlib/presets/tiny.yaml my.yaml`, or use one of "
+                f"{', '.join(PRESETS)}"
+            )
+        preset = str(Path(preset).resolve())  # the kernel runs in notebooks/: an absolute path
+    elif preset not in PRESETS:
         sys.exit(
             f"error: unknown PRESET '{preset}': use one of {', '.join(PRESETS)} "
             "or the path of a YAML file that inherits one"
         )
-    if preset not in PRESETS:  # the kernel runs in notebooks/: pass the file's absolute path
-        preset = str(Path(preset).resolve())
     check_kernel()
     target.parent.mkdir(parents=True, exist_ok=True)
     # The kernel inherits the environment: no progress bars frozen in the saved outputs.
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path)
     parser.add_argument("target", type=Path)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", help="smoke | tiny | paper | path/to/my.yaml")
     parser.add_argument("--output-dir", default="")
     parser.add_argument("--figure-dir", default="")
     parser.add_argument("--seed", type=int, default=0)

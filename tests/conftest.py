@@ -1,6 +1,12 @@
-"""What several test files share: a hand-written study record, one-thread torch, small images."""
+"""What several test files share: a hand-written study record, one-thread torch, small images,
+smoke artifacts (trained stages, the notebooks run in order)."""
 
 from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -150,6 +156,76 @@ def smoke_out(tmp_path_factory):
         seed_everything(cfg["seed"])
         run_stage(stage, cfg, out, device="cpu")
     return out
+
+
+# --- the notebooks run in order under `smoke`, shared by the notebook and the browser tests ---
+class SmokeRuns:
+    """Every notebook run under ``smoke`` into one folder (each reads what the previous wrote).
+
+    ``upto(name)`` runs, in order, the notebooks up to ``name`` that have not run yet in this
+    session, so whichever test asks first pays and the others reuse the artifacts. ``status[stem]``
+    is ``"ok"`` or the runner's one-line error; ``stderr[stem]`` is what that notebook's kernel
+    wrote to stderr (kept per notebook, since the asking test may not be the notebook's own).
+    """
+
+    def __init__(self, root):
+        from cxrlib.utils import REPO_ROOT
+
+        self.root = root
+        self.notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
+        self.status: dict[str, str] = {}
+        self.stderr: dict[str, str] = {}
+
+    def upto(self, name: str) -> None:
+        from cxrlib import run_notebook
+
+        for path in self.notebooks:
+            stem = path.stem
+            if stem not in self.status:
+                if any(v != "ok" for v in self.status.values()):
+                    self.status[stem] = "skipped: an earlier notebook failed"
+                else:
+                    with _kernel_stderr() as noise:
+                        try:
+                            run_notebook.run(
+                                path,
+                                self.root / "notebooks" / path.name,
+                                preset="smoke",
+                                output_dir=str(self.root),
+                                figure_dir=str(self.root / "figures"),
+                            )
+                            self.status[stem] = "ok"
+                        except SystemExit as err:  # run() reports failures as one line
+                            self.status[stem] = str(err)
+                    self.stderr[stem] = noise[0]
+            if stem == name:
+                return
+        raise KeyError(f"no notebook {name!r}; known: {[p.stem for p in self.notebooks]}")
+
+
+@contextmanager
+def _kernel_stderr():
+    """Collect what subprocesses (the kernels) write to file descriptor 2, then pass it on."""
+    sink: list[str] = []
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))
+            sys.stderr.write(sink[0])  # still shown (or captured by pytest) as before
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """The session's ``SmokeRuns``; ``smoke_runs.upto("05-cot-inference")`` gives a trained smoke
+    model and its predictions under ``smoke_runs.root``."""
+    return SmokeRuns(tmp_path_factory.mktemp("smoke"))
 
 
 def copy_inputs(src, dst, names=("data", "tokenizer", "backbones")):

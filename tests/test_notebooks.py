@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -115,37 +116,6 @@ def test_no_repository_file_links_to_shared():
 # --- smoke runs ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smoke_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke")
-
-
-_status: dict[str, str] = {}
-
-
-def _execute_upto(name: str, root: Path) -> None:
-    """Run every notebook up to ``name`` once per session, in order."""
-    for path in NOTEBOOKS:
-        stem = path.stem
-        if stem not in _status:
-            if any(v != "ok" for v in _status.values()):
-                _status[stem] = "skipped: an earlier notebook failed"
-            else:
-                try:
-                    run_notebook.run(
-                        path,
-                        root / "notebooks" / path.name,
-                        preset="smoke",
-                        output_dir=str(root),
-                        figure_dir=str(root / "figures"),
-                    )
-                    _status[stem] = "ok"
-                except SystemExit as err:  # run() reports failures as one line
-                    _status[stem] = str(err)
-        if stem == name:
-            return
-
-
 def _metrics(root: Path, name: str) -> dict:
     path = root / "metrics" / f"{name}.json"
     assert path.exists(), f"{name} stored no metrics at {path}"
@@ -196,11 +166,12 @@ CHECKS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_under_smoke_and_stores_metrics(name, smoke_dir, capfd):
-    _execute_upto(name, smoke_dir)
-    kernel_noise = capfd.readouterr().err  # the kernels' stderr while notebooks ran in this test
+def test_runs_under_smoke_and_stores_metrics(name, smoke_runs):
+    smoke_runs.upto(name)  # conftest: run once per session, shared with tests/test_browser.py
+    smoke_dir = smoke_runs.root
+    assert smoke_runs.status[name] == "ok", smoke_runs.status[name]
+    kernel_noise = smoke_runs.stderr[name]  # what this notebook's kernel wrote to stderr
     assert "without encryption" not in kernel_noise and "KeyboardInterrupt" not in kernel_noise
-    assert _status[name] == "ok", _status[name]
     metrics = _metrics(smoke_dir, name)
     assert metrics, f"{name} stored an empty metrics file"
     check = CHECKS.get(name)
@@ -227,3 +198,13 @@ def test_runs_under_smoke_and_stores_metrics(name, smoke_dir, capfd):
         if "text/markdown" in o.get("data", {})
     ]
     assert summary and "What this run shows" in summary[0], f"{name}: summary cell has no output"
+
+
+def test_kernel_stderr_is_collected_per_run(capfd):
+    """The noise check above reads what `SmokeRuns` collected: it must see a subprocess's stderr."""
+    from conftest import _kernel_stderr
+
+    with _kernel_stderr() as noise:
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('kernel says hi')"])
+    assert noise == ["kernel says hi"]
+    assert "kernel says hi" in capfd.readouterr().err  # passed on, not swallowed
