@@ -143,9 +143,25 @@ def backbones(m: dict, cfg: dict) -> list[str]:
 
 
 def projector_pretraining(m: dict, cfg: dict) -> list[str]:
-    lines = [
+    lines = []
+    align = m.get("word_alignment")
+    if align:
+        learnt = align["final_loss"] < align["constant_loss"]
+        lines.append(
+            f"Word alignment ({align['steps']} steps): the distance of the image tokens to their "
+            f"description's word embeddings fell from {align['first_loss']:.3f} to "
+            f"{align['final_loss']:.3f}, "
+            + (
+                f"below the {align['constant_loss']:.3f} of the best image-blind output: the "
+                "tokens carry image-specific words."
+                if learnt
+                else f"not below the {align['constant_loss']:.3f} of the best image-blind output: "
+                "the alignment learnt nothing image-specific."
+            )
+        )
+    lines.append(
         f"Validation loss on Findings tokens {loss_change(m['val_loss_before'], m['val_loss'])}."
-    ]
+    )
     right, shuffled = m.get("val_loss"), m.get("val_loss_shuffled_images")
     if right is not None and shuffled is not None:
         gap = shuffled - right

@@ -37,6 +37,19 @@ def test_phase1_with_image_dependence_says_so():
     assert "fell from 6.000 to 4.000" in text
 
 
+def test_word_alignment_says_whether_it_beat_the_image_blind_output():
+    aligned = {"steps": 10, "first_loss": 0.8, "final_loss": 0.07, "constant_loss": 0.23}
+    text = narrative.what_this_run_shows(
+        "03-projector-pretraining", {**_phase1(4.0, 4.5), "word_alignment": aligned}
+    )
+    assert "fell from 0.800 to 0.070, below the 0.230" in text
+    failed = {**aligned, "final_loss": 0.3}
+    text = narrative.what_this_run_shows(
+        "03-projector-pretraining", {**_phase1(4.0, 4.5), "word_alignment": failed}
+    )
+    assert "learnt nothing image-specific" in text
+
+
 def _phase2(model: float, common: float, best: float) -> dict:
     return {
         "findings_check": {
