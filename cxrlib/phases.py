@@ -344,8 +344,9 @@ def align_projector_to_words(
     Only the projector trains and the LLM is not run, so a step costs one projector forward.
 
     Why (``tiny`` only, issue 14): trained on report pairs alone, the projector's tokens get
-    almost no attention from the small LLM (their input gradient is ~50x smaller than a text
-    token's) and the report's loss is the same with shuffled images; after this alignment the
+    almost no attention from the small LLM beyond its first layer (their input gradient was 55x
+    smaller than a text token's; ``benchmarks/image_attention.py``) and the report's loss is the
+    same with shuffled images; after this alignment the
     LLM reads the image tokens as it reads those words. The paper's phase 1 does not need it:
     10,000 steps on millions of pairs align Rad-DINO with a 7B model.
 
