@@ -458,6 +458,26 @@ def _boxes_of(answer: str | None) -> list[list[int]] | None:
     return parse_grounding(answer)
 
 
+def _grounding_items(records: Sequence[dict], boxes_of, finding_boxes_of) -> dict[str, list]:
+    """``{task: [(predicted boxes or None, target boxes), ...]}`` of every scored grounding item:
+    ``BOX_TASKS`` records with target boxes, and each boxed finding of ``multi_finding_grounding``.
+    ``boxes_of(rec)`` gives a record's boxes; ``finding_boxes_of(rec)`` a multi-finding record's
+    ``{finding: boxes}`` (None = malformed answer, a finding left out = said absent)."""
+    items: dict[str, list[tuple[list | None, list]]] = {}
+    for rec in records:
+        task, meta = rec["task"], rec.get("meta", {})
+        if task in BOX_TASKS and meta.get("boxes"):
+            items.setdefault(task, []).append((boxes_of(rec), meta["boxes"]))
+        elif task == "multi_finding_grounding" and meta.get("boxes"):
+            parsed = finding_boxes_of(rec)
+            for name, target in meta["boxes"].items():
+                boxes = None if parsed is None else parsed.get(name, [])
+                items.setdefault(task, []).append((boxes, target))
+    if not items:
+        raise ValueError("no grounding items with target boxes among the records")
+    return items
+
+
 def grounding_metrics(records: Sequence[dict], threshold: float = metrics.IOU_THRESHOLD) -> dict:
     """mIoU and accuracy at IoU >= 0.5 of box answers, per task and overall.
 
@@ -471,19 +491,14 @@ def grounding_metrics(records: Sequence[dict], threshold: float = metrics.IOU_TH
         ``{task: {"mIoU", "accuracy", "n", "malformed", "said_absent", "ious"}, "overall": ...}``;
         ``malformed`` = no box could be read and the answer is not a "not present"; both score 0.
     """
-    items: dict[str, list[tuple[list | None, list]]] = {}
-    for rec in records:
-        task, meta = rec["task"], rec.get("meta", {})
-        answer = rec["predictions"][0] if rec.get("predictions") else None
-        if task in BOX_TASKS and meta.get("boxes"):
-            items.setdefault(task, []).append((_boxes_of(answer), meta["boxes"]))
-        elif task == "multi_finding_grounding" and meta.get("boxes"):
-            parsed = parse_multi_finding(answer)
-            for name, target in meta["boxes"].items():
-                boxes = None if parsed is None else parsed.get(name, [])
-                items.setdefault(task, []).append((boxes, target))
-    if not items:
-        raise ValueError("no grounding items with target boxes among the records")
+
+    def model_boxes(rec: dict) -> list | None:
+        return _boxes_of(rec["predictions"][0] if rec.get("predictions") else None)
+
+    def model_finding_boxes(rec: dict) -> dict | None:
+        return parse_multi_finding(rec["predictions"][0] if rec.get("predictions") else None)
+
+    items = _grounding_items(records, model_boxes, model_finding_boxes)
     out = {}
     for task, pairs in list(items.items()) + [("overall", [p for v in items.values() for p in v])]:
         scores = metrics.grounding_scores(
@@ -534,18 +549,16 @@ def constant_box_metrics(
     patients, so this baseline is high for organ grounding; a model must beat it to show that
     it reads the box off the image. Items whose key has no training box score IoU 0."""
     boxes = mean_training_boxes(train_studies)
-    items: dict[str, list[tuple[list, list]]] = {}
-    for rec in records:
-        task, meta = rec["task"], rec.get("meta", {})
-        if task in BOX_TASKS and meta.get("boxes"):
-            box = boxes.get(_constant_key(task, meta))
-            items.setdefault(task, []).append(([box] if box else [], meta["boxes"]))
-        elif task == "multi_finding_grounding" and meta.get("boxes"):
-            for name, target in meta["boxes"].items():
-                box = boxes.get(f"finding:{name}")
-                items.setdefault(task, []).append(([box] if box else [], target))
-    if not items:
-        raise ValueError("no grounding items with target boxes among the records")
+
+    def constant(key: str) -> list:
+        return [boxes[key]] if key in boxes else []
+
+    def finding_constants(rec: dict) -> dict:
+        return {name: constant(f"finding:{name}") for name in rec["meta"]["boxes"]}
+
+    items = _grounding_items(
+        records, lambda rec: constant(_constant_key(rec["task"], rec["meta"])), finding_constants
+    )
     out = {}
     for task, pairs in list(items.items()) + [("overall", [p for v in items.values() for p in v])]:
         scores = metrics.grounding_scores([p for p, _ in pairs], [t for _, t in pairs], threshold)

@@ -4,6 +4,7 @@ smoke artifacts (trained stages, the notebooks run in order)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import torch
 
 from cxrlib.constants import CHEXPERT_LABELS
 from cxrlib.data.phantom import render
+from cxrlib.utils import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +263,14 @@ def dicom_bytes(
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def run_make(*args) -> subprocess.CompletedProcess:
+    """``make ARGS`` in the repository root, output captured (the Makefile tests)."""
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 import pytest
+from conftest import run_make
 
 from cxrlib import run_notebook
 from cxrlib.utils import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
-
-
-def _make(*args):
-    return subprocess.run(
-        ["make", "--no-print-directory", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture
@@ -32,7 +22,7 @@ def my_preset(tmp_path):
 
 
 def test_make_runs_every_notebook_with_the_file_into_build_of_its_name(my_preset):
-    result = _make("-n", "all", f"PRESET={my_preset}")
+    result = run_make("-n", "all", f"PRESET={my_preset}")
     assert result.returncode == 0, result.stderr
     runs = [line for line in result.stdout.splitlines() if "cxrlib.run_notebook" in line]
     assert len(runs) == len(NOTEBOOKS)
@@ -43,7 +33,7 @@ def test_make_runs_every_notebook_with_the_file_into_build_of_its_name(my_preset
 
 
 def test_build_can_still_be_chosen(my_preset, tmp_path):
-    result = _make("-n", "all", f"PRESET={my_preset}", f"BUILD={tmp_path}/elsewhere")
+    result = run_make("-n", "all", f"PRESET={my_preset}", f"BUILD={tmp_path}/elsewhere")
     assert result.returncode == 0, result.stderr
     assert f"{tmp_path}/elsewhere/notebooks/00-overview.ipynb" in result.stdout
     assert "build/my_run" not in result.stdout
@@ -61,18 +51,18 @@ def test_editing_the_file_reruns_the_notebooks(my_preset, tmp_path):
         path.touch()
         os.utime(path, (when, when))
     args = ("-n", "all", f"PRESET={my_preset}", f"BUILD={build}", f"VENV={venv}")
-    result = _make(*args)
+    result = run_make(*args)
     assert result.returncode == 0, result.stderr
     assert "cxrlib.run_notebook" not in result.stdout, "nothing changed, yet notebooks would run"
     os.utime(my_preset, (now + 30, now + 30))
-    result = _make(*args)
+    result = run_make(*args)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("cxrlib.run_notebook") == len(NOTEBOOKS)
 
 
 def test_a_missing_file_stops_with_one_line(tmp_path):
     missing = tmp_path / "nope.yaml"
-    result = _make("-n", "all", f"PRESET={missing}")
+    result = run_make("-n", "all", f"PRESET={missing}")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -81,7 +71,7 @@ def test_a_missing_file_stops_with_one_line(tmp_path):
 
 
 def test_a_name_that_is_no_preset_names_the_file_route():
-    result = _make("-n", "all", "PRESET=huge")
+    result = run_make("-n", "all", "PRESET=huge")
     assert result.returncode != 0 and "PRESET=path/to/my.yaml" in result.stderr
 
 

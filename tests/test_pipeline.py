@@ -2,41 +2,30 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import nbformat
 import pytest
+from conftest import run_make
 
 from cxrlib import run_notebook
 from cxrlib.utils import REPO_ROOT
 
 
-def _make(*args):
-    return subprocess.run(
-        ["make", "--no-print-directory", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_make_help_lists_the_targets():
-    result = _make("help")
+    result = run_make("help")
     assert result.returncode == 0
     for target in ("all", "smoke", "test", "lab", "lint", "clean", "help"):
         assert f"make {target} " in result.stdout
 
 
 def test_wrong_preset_stops_with_one_line():
-    result = _make("all", "PRESET=huge")
+    result = run_make("all", "PRESET=huge")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown PRESET 'huge'" in lines[0]
 
 
 def test_make_all_knows_every_notebook():
-    result = _make("-n", "all", "PRESET=smoke", "BUILD=/tmp/cxr-dry-run")
+    result = run_make("-n", "all", "PRESET=smoke", "BUILD=/tmp/cxr-dry-run")
     assert result.returncode == 0, result.stderr
     for path in sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")):
         assert f"/tmp/cxr-dry-run/notebooks/{path.name}" in result.stdout

@@ -145,6 +145,22 @@ def normalise_view(view) -> str | None:
     return None
 
 
+VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2}  # frontal first: single-image tasks prefer them
+
+
+def ordered_images(images: list[dict], max_images: int, counts, tiebreak: str | None = None):
+    """A study's images frontal first (then by ``image[tiebreak]``), cut to ``max_images``; the
+    cut is counted in ``counts`` (``studies_cut_to_max_images``, ``images_cut``)."""
+    images = sorted(
+        images, key=lambda im: (VIEW_ORDER[im["view"]], im[tiebreak] if tiebreak else 0)
+    )
+    if len(images) > max_images:
+        counts["studies_cut_to_max_images"] += 1
+        counts["images_cut"] += len(images) - max_images
+        images = images[:max_images]
+    return images
+
+
 def study_record(study_id, patient_id, split, source, labels, images, findings_text="",
                  impression="", label_space=None, **extra) -> dict:  # fmt: skip
     """A study record of the shared schema (``prior`` and ``changes`` None)."""

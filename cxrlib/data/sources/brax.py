@@ -31,6 +31,7 @@ from cxrlib.data.sources.base import (
     image_entry,
     label_value,
     normalise_view,
+    ordered_images,
     read_table,
     study_record,
 )
@@ -43,7 +44,6 @@ BRAX = SourceInfo(
 FILES = ["master_spreadsheet_update.csv", "master_spreadsheet_update.csv.gz",
          "master_spreadsheet.csv"]  # fmt: skip
 COLUMNS = ["PngPath", "PatientID", "ViewPosition", *CHEXPERT_LABELS]
-VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2}
 BRAX_VIEWS = {"L": "LATERAL"}  # BRAX writes a lateral as "L" (also RL / LL, as elsewhere)
 
 
@@ -90,11 +90,7 @@ def load_brax(root, cfg: dict) -> tuple[list[dict], dict]:
         if not images:
             counts["dropped_no_usable_image"] += 1
             continue
-        images.sort(key=lambda im: VIEW_ORDER[im["view"]])
-        if len(images) > max_images:
-            counts["studies_cut_to_max_images"] += 1
-            counts["images_cut"] += len(images) - max_images
-            images = images[:max_images]
+        images = ordered_images(images, max_images, counts)
         records.append(study_record(f"brax-{patient}-{study}", patient, split_of[patient], "brax",
                                     merge_labels(rows), images))  # fmt: skip
     counts["studies"] = len(records)

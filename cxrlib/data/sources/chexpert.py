@@ -21,6 +21,7 @@ from cxrlib.data.sources.base import (
     find_file,
     image_entry,
     label_value,
+    ordered_images,
     read_table,
     study_record,
 )
@@ -30,7 +31,6 @@ CHEXPERT = SourceInfo(
     ("train.csv", "valid.csv", "train/patientXXXXX/studyN/viewN_frontal.jpg"),
 )  # fmt: skip
 COLUMNS = ["Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
-VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2}
 
 
 def _view(frontal_lateral, ap_pa) -> str | None:
@@ -71,11 +71,7 @@ def load_chexpert(root, cfg: dict, files=("train.csv", "valid.csv")) -> tuple[li
             if not images:
                 counts["dropped_no_usable_image"] += 1
                 continue
-            images.sort(key=lambda im: VIEW_ORDER[im["view"]])
-            if len(images) > max_images:
-                counts["studies_cut_to_max_images"] += 1
-                counts["images_cut"] += len(images) - max_images
-                images = images[:max_images]
+            images = ordered_images(images, max_images, counts)
             row = first_row[study]
             labels = {k: label_value(v) for k, v in zip(CHEXPERT_LABELS, row[4:])}
             split = by_patient[row[3]] if name.startswith("train") else "test"

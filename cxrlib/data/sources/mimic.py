@@ -36,6 +36,7 @@ from cxrlib.data.sources.base import (
     image_entry,
     label_value,
     normalise_view,
+    ordered_images,
     read_table,
     source_error,
     study_record,
@@ -52,7 +53,6 @@ MS_CXR = SourceInfo(
     ("MS_CXR_Local_Alignment_v1.1.0.csv (or _v1.0.0.csv)",),
 )  # fmt: skip
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "valid": "val", "test": "test"}
-VIEW_ORDER = {"PA": 0, "AP": 1, "LATERAL": 2}  # frontal first: single-image tasks prefer them
 
 
 def _csv(root: Path, stem: str) -> list[str]:
@@ -162,11 +162,7 @@ def load_mimic(root, cfg: dict, labeler: str = "chexpert") -> tuple[list[dict], 
         if not images:
             counts["dropped_no_usable_image"] += 1
             continue
-        images.sort(key=lambda im: (VIEW_ORDER[im["view"]], im["dicom_id"]))
-        if len(images) > max_images:
-            counts["studies_cut_to_max_images"] += 1
-            counts["images_cut"] += len(images) - max_images
-            images = images[:max_images]
+        images = ordered_images(images, max_images, counts, "dicom_id")
         first = rows.iloc[0]
         labels = labels_of.get(study)
         if labels is None:
