@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from cxrlib.constants import (
     COT_FINDINGS,
+    IGNORE_INDEX,
     LABEL_OF,
     NOTEBOOKS,
     ORGANS,
@@ -41,7 +42,10 @@ from cxrlib.constants import (
 from cxrlib.data import conversations as C
 from cxrlib.data.boxes import format_boxes
 from cxrlib.data.datasets import load_datasets
+from cxrlib.data.text_instructions import to_text_conversation
+from cxrlib.data.tokenize import encode_conversation, encode_prompt
 from cxrlib.engine import causal_lm_loss
+from cxrlib.labeler import label_report
 from cxrlib.utils import require_artifact
 
 MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
@@ -155,9 +159,12 @@ class PackedText(Dataset):
         return self.rows[i]
 
 
-def collate_rows(rows: list[torch.Tensor]) -> dict:
+def collate_rows(rows: list[torch.Tensor], pad_id: int | None = None) -> dict:
+    """Stack packed rows; positions holding ``pad_id`` (rows of whole conversations,
+    ``cxrlib.data.text_instructions``) get no loss."""
     ids = torch.stack(rows)
-    return {"input_ids": ids, "labels": ids}
+    labels = ids if pad_id is None else ids.masked_fill(ids == pad_id, IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels}
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,6 +220,73 @@ def sample_text(
             out.append(tokenizer.decode(text, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
+
+
+def turn2_dependence(lm: nn.Module, tokenizer, studies: Sequence[dict], n: int = 120,
+                     image_words: str = "none", max_new_tokens: int = 100) -> dict:  # fmt: skip
+    """Does the LM's CoT turn 2 follow turn 1? Measured from text alone on the first ``n``
+    validation IU / MIMIC-CXR studies: the CoT single conversation in words (the image as
+    ``"(image)"`` by default, so turn 1 is the only source of findings), turn 1 = the study's
+    true findings.
+
+    Returns ``nll_gain`` (mean nats that the true turn 1 saves on the report against turn 1 =
+    "Not found.", over studies with a finding), and on greedy reports ``distinct_reports``,
+    ``turn1_named`` / ``turn1_in_report`` (turn-1 findings the labeler finds positive in the
+    report) and ``report_positive`` / ``report_in_turn1``.
+    """
+    device = model_device(lm)
+
+    def report_nll(conv: dict) -> float:
+        enc = encode_conversation(conv, tokenizer, 1)
+        labels = enc["labels"]
+        end = labels.index(tokenizer.eos_token_id)  # the </s> closing turn 1
+        target = torch.tensor([IGNORE_INDEX] * end + labels[end + 1 :], device=device)
+        logits = lm(torch.tensor([enc["input_ids"]], device=device)).logits[0, :-1]
+        keep = target != IGNORE_INDEX
+        return F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+
+    was_training = lm.training
+    lm.eval()
+    rng = np.random.default_rng(0)
+    held_out = [s for s in studies if s["split"] == "val" and s["source"] in REPORT_SOURCES]
+    gains, reports = [], []
+    counts = dict.fromkeys(
+        ("turn1_named", "turn1_in_report", "report_positive", "report_in_turn1"), 0
+    )
+    with torch.no_grad():
+        for study in held_out[:n]:
+            conv = C.build_conversation("cot_single", study, rng)
+            if conv is None:
+                continue
+            conv = to_text_conversation(conv, study, image_words)
+            turn1 = conv["turns"][0]["assistant"]
+            if turn1 != C.NOT_FOUND:
+                blind = {**conv, "turns": [{**conv["turns"][0], "assistant": C.NOT_FOUND},
+                                           conv["turns"][1]]}  # fmt: skip
+                gains.append(report_nll(blind) - report_nll(conv))
+            ids = encode_prompt(
+                [conv["turns"][0], {"user": conv["turns"][1]["user"]}], tokenizer, 1, 0
+            )
+            out = lm.generate(torch.tensor([ids], device=device),
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                              max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()  # fmt: skip
+            if tokenizer.eos_token_id in out:
+                out = out[: out.index(tokenizer.eos_token_id)]
+            report = tokenizer.decode(out, skip_special_tokens=True).strip()
+            reports.append(report)
+            labels = label_report(report)
+            said = {f for f in COT_FINDINGS if f in turn1}
+            found = {f for f in COT_FINDINGS if labels.get(LABEL_OF[f]) == POSITIVE}
+            counts["turn1_named"] += len(said)
+            counts["turn1_in_report"] += len(said & found)
+            counts["report_positive"] += len(found)
+            counts["report_in_turn1"] += len(found & said)
+    lm.train(was_training)
+    return {"studies": len(reports), "studies_with_finding": len(gains),
+            "nll_gain": float(np.mean(gains)) if gains else None,
+            "distinct_reports": len(set(reports)), **counts, "example_reports": reports[:3]}  # fmt: skip
 
 
 # --- vision encoder ---------------------------------------------------------------------------

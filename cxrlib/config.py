@@ -237,6 +237,10 @@ class LMPretrainStage(_PretrainStage):
     box_texts: NonNegativeInt
     text_instructions: NonNegativeInt = 0
     image_words: Literal["facts", "none"] = "facts"
+    instruction_packing: Literal["cut", "whole"] = "cut"
+    report_corpus: Literal["plain", "findings_then_report"] = "plain"
+    abnormal_repeats: PositiveInt = 1
+    text_instruction_weights: dict[str, NonNegativeFloat] | None = None
 
 
 class EncoderPretrainStage(_PretrainStage):
@@ -264,6 +268,7 @@ class Phase1Stage(_PhaseStage):
 
 class Phase2Stage(_PhaseStage):
     val_per_task: PositiveInt
+    abnormal_repeats: PositiveInt = 1
     lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 
 

@@ -125,6 +125,19 @@ def backbones(m: dict, cfg: dict) -> list[str]:
             f"The LLM's validation perplexity is {ppl:.1f} against {vocab} for uniform guessing "
             f"over the vocabulary: {verdict}."
         )
+    t2 = m.get("lm_turn2") or {}
+    if t2.get("turn1_named"):
+        follows = t2["turn1_in_report"]
+        lines.append(
+            f"Given turn 1 in words, the LM's greedy turn 2 names {follows} of the "
+            f"{t2['turn1_named']} findings that turn 1 listed ({_pct(follows / t2['turn1_named'])}; "
+            f"{t2['distinct_reports']} distinct reports for {t2['studies']} validation studies), "
+            f"and the true turn 1 saves {t2['nll_gain']:.2f} nats per report against "
+            f"\"Not found.\": "
+            + ("turn 2 does not follow turn 1 yet." if follows == 0 else
+               "turn 2 follows turn 1 only for some findings." if follows < 0.5 * t2["turn1_named"]
+               else "turn 2 mostly follows turn 1.")  # fmt: skip
+        )
     enc = m.get("encoder_pretrain", {})
     auroc = enc.get("val_label_macro_auroc")
     if auroc is not None:

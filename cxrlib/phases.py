@@ -13,6 +13,7 @@ into ``stage_dir(stage, out_dir)``; ``cxrlib.train.run_stage`` picks one by name
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from pathlib import Path
@@ -40,11 +41,17 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
-from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
+from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS, REPORT_SOURCES
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
 from cxrlib.data.features import cached_features, encoder_features
-from cxrlib.data.text_instructions import describe_image, image_records, with_text_instructions
+from cxrlib.data.text_instructions import (
+    InstructionRows,
+    describe_image,
+    findings_report_rows,
+    image_records,
+    with_text_instructions,
+)
 from cxrlib.model import (
     ImageProcessor,
     build_encoder,
@@ -222,12 +229,25 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     hp = engine.HParams.from_section(section, "lm_pretrain")
     tokenizer = stage_tokenizer(cfg, out_dir)
     studies = read_studies(out_dir)
-    texts = report_corpus(studies, "train") + box_corpus(section.get("box_texts", 0), cfg["seed"])
-    train_set = PackedText(texts, tokenizer, section["seq_len"])
+    box_texts = box_corpus(section.get("box_texts", 0), cfg["seed"])
+    if section.get("report_corpus", "plain") == "findings_then_report":
+        # each Findings section after its own turn-1 answer (the skill turn 2 needs); the
+        # impressions stay plain text
+        impressions = [s["impression"].strip() for s in studies if s["split"] == "train"
+                       and s["source"] in REPORT_SOURCES and (s.get("impression") or "").strip()]  # fmt: skip
+        train_set = ConcatDataset([
+            InstructionRows(findings_report_rows(studies, tokenizer, section["seq_len"],
+                                                 section.get("abnormal_repeats", 1))),
+            PackedText(impressions + box_texts, tokenizer, section["seq_len"]),
+        ])  # fmt: skip
+    else:
+        train_set = PackedText(report_corpus(studies, "train") + box_texts, tokenizer,
+                               section["seq_len"])  # fmt: skip
     # + text-only instruction conversations (train.lm_pretrain.text_instructions): the skills
     # Mistral-7B-Instruct brings (boxes, yes/no, question formats), from text alone
     train_set = with_text_instructions(train_set, studies, tokenizer, section, cfg["seed"])
     val_set = PackedText(report_corpus(studies, "val"), tokenizer, section["seq_len"])  # reports
+    collate = functools.partial(collate_rows, pad_id=tokenizer.pad_token_id)
     seed_everything(cfg["seed"])
     model = build_llm(cfg, tokenizer, pretrained=False)
     engine.save_run_info(cfg, target)
@@ -237,7 +257,7 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
         out_dir,
         model,
         train_set,
-        collate_rows,
+        collate,
         lm_loss,
         hp,
         count_fn=engine.count_target_tokens,
@@ -566,8 +586,9 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
     set_trainable(model, trainable)
     upcast_trainable(model)
     train_set = ConversationDataset(
-        data.studies, data.images, tokenizer, cfg, split="train", seed=cfg["seed"]
-    )
+        data.studies, data.images, tokenizer, cfg, split="train", seed=cfg["seed"],
+        abnormal_repeats=cfg["train"]["phase2"].get("abnormal_repeats", 1),
+    )  # fmt: skip
     collate = ConversationCollate(tokenizer.pad_token_id, cfg)
     val_sets = validation_sets(
         data, tokenizer, cfg, cfg["train"]["phase2"].get("val_per_task", VAL_PER_TASK)

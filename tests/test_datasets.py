@@ -151,6 +151,26 @@ def test_task_lists_and_shares(built):
         ConversationDataset(data.studies, data.images, None, cfg, split="dev")
 
 
+def test_abnormal_repeats_balances_the_report_pools(built):
+    from cxrlib.data.conversations import NOT_FOUND, cot_answer
+
+    cfg, _, _, data = built
+    plain = ConversationDataset(data.studies, data.images, None, cfg, tasks=["cot_single"])
+    balanced = ConversationDataset(
+        data.studies, data.images, None, cfg, tasks=["cot_single"], abnormal_repeats=3
+    )
+
+    def abnormal_share(ds):
+        pool = ds.pools["cot_single"]
+        return sum(cot_answer(ds.studies[i]["labels"]) != NOT_FOUND for i in pool) / len(pool)
+
+    p, q = abnormal_share(plain), abnormal_share(balanced)
+    assert 0 < p < 1 and q == pytest.approx(3 * p / (3 * p + 1 - p))
+    assert balanced.pools["cot_single"].count(0) in (1, 3)  # a study appears once or 3 times
+    with pytest.raises(ValueError, match="abnormal_repeats"):
+        ConversationDataset(data.studies, data.images, None, cfg, abnormal_repeats=0)
+
+
 def test_reconcile_keeps_what_the_findings_text_states():
     mesh = [Finding("Pleural Effusion", side="left"), Finding("Atelectasis"), Finding("Edema")]
     text = "Small left pleural effusion. Possible atelectasis. No pneumothorax."

@@ -92,6 +92,17 @@ def test_encoder_at_chance_is_called_at_chance():
     assert "clearly above chance" in text and "far below uniform guessing" in text
 
 
+def test_turn2_line_follows_the_counts():
+    t2 = {"turn1_named": 48, "turn1_in_report": 0, "distinct_reports": 2, "studies": 120,
+          "nll_gain": -0.4}  # fmt: skip
+    text = narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
+    assert "names 0 of the 48" in text and "does not follow turn 1 yet" in text
+    t2.update(turn1_in_report=7)
+    assert "only for some findings" in narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
+    t2.update(turn1_in_report=40)
+    assert "mostly follows" in narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
+
+
 def _report(mf1: float, ci=(0.0, 1.0)) -> dict:
     return {"clinical": {"mF1-14": mf1, "uF1-14": mf1}, "clinical_ci": {"mF1-14": ci, "uF1-14": ci}}
 

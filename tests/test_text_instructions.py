@@ -74,6 +74,41 @@ def test_packed_rows_are_the_chat_format():
     assert len(mixed) == 3 + len(rows) and torch.equal(mixed[3], rows[0])
 
 
+def test_whole_packing_keeps_each_conversation_in_one_row_and_pads_without_loss():
+    from cxrlib.backbones import collate_rows
+    from cxrlib.data.tokenize import encode_conversation
+
+    study = example_study()
+    convs = text_conversations([study], n=12, seed=2)
+    texts = [SYSTEM_TEXT] * 5 + [t["user"] + t["assistant"] for c in convs for t in c["turns"]]
+    tok = train_bpe_tokenizer(texts, vocab_size=400)
+    lengths = [len(encode_conversation(c, tok, 1)["input_ids"]) for c in convs]
+    seq_len = max(lengths) + 4
+    rows = packed_instruction_rows(convs, tok, seq_len=seq_len, packing="whole")
+    assert rows.shape[1] == seq_len
+    # every conversation starts a <s> inside a row, none is split across rows
+    assert int((rows == tok.bos_token_id).sum()) == len(convs)
+    real = rows != tok.pad_token_id
+    assert int(real.sum()) == sum(lengths)
+    batch = collate_rows(list(rows), pad_id=tok.pad_token_id)
+    assert bool((batch["labels"][~real] == -100).all())
+    assert torch.equal(batch["labels"][real], rows[real])
+    with pytest.warns(UserWarning, match="left out"):
+        short = packed_instruction_rows(convs, tok, seq_len=min(lengths), packing="whole")
+    assert int((short == tok.bos_token_id).sum()) == sum(n <= min(lengths) for n in lengths)
+    with pytest.raises(TextInstructionError, match="packing"):
+        packed_instruction_rows(convs, tok, seq_len=32, packing="nope")
+
+
+def test_text_instruction_weights_shift_the_task_draw():
+    study = example_study()
+    convs = text_conversations([study], n=60, seed=0, weights={"cot_single": 30.0})
+    share = sum(c["task"] == "cot_single" for c in convs) / len(convs)
+    assert share > 0.4  # uniform over 17 tasks would give about 0.06
+    with pytest.raises(TextInstructionError, match="unknown tasks"):
+        text_conversations([study], n=1, seed=0, weights={"no_such_task": 1.0})
+
+
 def test_part_param_groups_scale_one_part():
     named = [
         ("encoder.layer.0.weight", torch.nn.Parameter(torch.zeros(2, 2))),
@@ -101,3 +136,47 @@ def test_image_words_none_leaves_no_facts_to_copy():
     assert "(image)" in user and "cardiomegaly, mild" not in user
     with pytest.raises(TextInstructionError, match="image_words"):
         to_text_conversation(conv, study, image_words="pixels")
+
+
+def _report_tokenizer(studies):
+    from cxrlib.backbones import prompt_strings
+
+    texts = [s["findings_text"] for s in studies] + prompt_strings() * 3
+    return train_bpe_tokenizer(texts * 5, vocab_size=600)
+
+
+def test_findings_report_rows_put_each_report_after_its_findings():
+    from cxrlib.data.text_instructions import findings_report_rows
+
+    abnormal = {**example_study(), "source": "iu"}  # cardiomegaly + pleural effusion
+    normal = {**abnormal, "study_id": "N1",
+              "labels": dict.fromkeys(abnormal["labels"]), "findings_text": "The lungs are clear."}  # fmt: skip
+    held_out = {**abnormal, "study_id": "V1", "split": "val", "findings_text": "Val only."}
+    follow_up = {**abnormal, "study_id": "L1", "source": "longitudinal", "findings_text": "Nope."}
+    tok = _report_tokenizer([abnormal, normal])
+    once = findings_report_rows([abnormal, normal, held_out, follow_up], tok, seq_len=1)
+    text = tok.decode(once.flatten(), skip_special_tokens=False)
+    assert "cardiomegaly, pleural effusion.</s>[INST] Based on the previous conversation" in text
+    assert "Not found.</s>[INST]" in text and "The lungs are clear." in text
+    assert "Val only" not in text and "Nope" not in text  # training reports of IU / MIMIC only
+    twice = findings_report_rows([abnormal, normal, held_out], tok, seq_len=1, abnormal_repeats=3)
+    assert tok.decode(twice.flatten()).count("cardiomegaly, pleural effusion.") == 3
+    assert tok.decode(twice.flatten()).count("Not found.") == 1
+
+
+def test_turn2_dependence_counts_what_turn1_named():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from cxrlib.backbones import turn2_dependence
+
+    study = {**example_study(), "split": "val", "source": "iu"}
+    tok = _report_tokenizer([study])
+    torch.manual_seed(0)
+    lm = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1))  # fmt: skip
+    out = turn2_dependence(lm, tok, [study, {**study, "split": "train"}], max_new_tokens=5)
+    assert out["studies"] == 1 and out["studies_with_finding"] == 1  # the val study only
+    assert out["turn1_named"] == 2  # cardiomegaly, pleural effusion
+    assert isinstance(out["nll_gain"], float) and out["distinct_reports"] == 1
+    assert 0 <= out["turn1_in_report"] <= out["turn1_named"]

@@ -49,7 +49,13 @@ from tqdm.auto import tqdm
 
 from cxrlib.config import load_config, save_config
 from cxrlib.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, LATERAL_VIEW, NOTEBOOKS, POSITIVE
-from cxrlib.data.conversations import ALL_TASKS, build_conversation, supported_tasks
+from cxrlib.data.conversations import (
+    ALL_TASKS,
+    NOT_FOUND,
+    build_conversation,
+    cot_answer,
+    supported_tasks,
+)
 from cxrlib.data.iuxray import load_iu_reports
 from cxrlib.data.labels import (
     SPLITS,
@@ -76,6 +82,8 @@ from cxrlib.labeler import label_report
 from cxrlib.utils import require_artifact
 
 MADE_BY = NOTEBOOKS["data"]
+# Report-generation tasks, whose pools ``abnormal_repeats`` class-balances.
+REPORT_TASKS = ("cot_single", "cot_multi_image", "cot_multi_study", "direct_report")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
@@ -494,6 +502,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         split: str | None = "train",
         seed: int = 0,
         length: int | None = None,
+        abnormal_repeats: int = 1,
     ):
         if cfg is None:
             raise ValueError("ConversationDataset needs the preset config (cfg)")
@@ -510,10 +519,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         check_max_images(self.studies)  # warns: the card uses at most 5 images per study
         self.pools = {t: [] for t in candidates}
         per_source: dict[str, list[int]] = {}  # "task@source" -> studies (the official mixture)
+        if abnormal_repeats < 1:
+            raise ValueError(f"abnormal_repeats must be >= 1, got {abnormal_repeats}")
         for i, study in enumerate(self.studies):
             for task in supported_tasks(study, candidates):
-                self.pools[task].append(i)
-                per_source.setdefault(f"{task}@{study['source']}", []).append(i)
+                # class balance for the report tasks: a study with a positive CoT finding is
+                # drawn abnormal_repeats times as often (train.phase2.abnormal_repeats)
+                k = (
+                    abnormal_repeats
+                    if task in REPORT_TASKS and cot_answer(study["labels"]) != NOT_FOUND
+                    else 1
+                )
+                self.pools[task] += [i] * k
+                per_source.setdefault(f"{task}@{study['source']}", []).extend([i] * k)
         sizes = {t: len(p) for t, p in self.pools.items()}
         name = mixture or cfg["data"]["mixture"]
         if tasks is None and name == "paper" and uses_official_mixture(self.studies):

@@ -23,24 +23,28 @@ only: ``paper`` starts from Mistral-7B-Instruct, which has these skills).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from cxrlib.constants import FRONTAL_VIEWS, IMAGE_TOKEN, POSITIVE, UNCERTAIN
+from cxrlib.constants import FRONTAL_VIEWS, IMAGE_TOKEN, POSITIVE, REPORT_SOURCES, UNCERTAIN
 from cxrlib.data.boxes import format_box
 from cxrlib.data.conversations import (
     ALL_TASKS,
     LABEL_OF,
+    NOT_FOUND,
     build_conversation,
+    cot_answer,
     finding_boxes,
     finding_name,
     location_answer,
     organ_boxes,
+    report_user_turns,
 )
-from cxrlib.data.tokenize import encode_conversation
+from cxrlib.data.tokenize import encode_conversation, user_text
 
 # Tasks whose answer is fully determined by the written description (every phase-2 task is).
 TEXT_TASKS = tuple(ALL_TASKS)
@@ -98,6 +102,7 @@ def image_records(study: dict) -> dict[int, tuple[dict, dict]]:
 
 # What stands in a text conversation where the image was (``train.lm_pretrain.image_words``).
 IMAGE_WORDS = ("facts", "none")
+INSTRUCTION_PACKING = ("cut", "whole")
 NEUTRAL_IMAGE = "(image)"
 
 
@@ -130,15 +135,25 @@ def text_conversations(
     seed: int,
     tasks: Sequence[str] = TEXT_TASKS,
     image_words: str = "facts",
+    weights: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """``n`` text-only conversations of training-split studies, tasks drawn uniformly among those
-    a drawn study supports (so rare tasks such as grounding get as much text as reports).
+    a drawn study supports (so rare tasks such as grounding get as much text as reports), or in
+    proportion to ``weights`` (task -> weight; a task not named keeps weight 1).
 
     Never uses a validation or test study: the held-out evaluation stays unseen.
     """
     train = [s for s in studies if s["split"] == "train"]
     if n and not train:
         raise ValueError("no training-split studies to write text instructions from (notebook 01)")
+    unknown = sorted(set(weights or {}) - set(tasks))
+    if unknown:
+        raise TextInstructionError(f"text instruction weights name unknown tasks {unknown}; "
+                                   f"tasks are {list(tasks)}")  # fmt: skip
+    p = np.array([float((weights or {}).get(t, 1.0)) for t in tasks])
+    if (p < 0).any() or p.sum() <= 0:
+        raise TextInstructionError(f"text instruction weights must be >= 0, not all 0: {weights}")
+    p = p / p.sum()
     rng = np.random.default_rng(seed)
     out: list[dict] = []
     attempts = 0
@@ -147,7 +162,11 @@ def text_conversations(
         if attempts > 50 * n:
             raise ValueError(f"only {len(out)} of {n} text conversations could be built")
         study = train[int(rng.integers(len(train)))]
-        task = tasks[int(rng.integers(len(tasks)))]
+        task = (
+            tasks[int(rng.choice(len(tasks), p=p))]
+            if weights
+            else tasks[int(rng.integers(len(tasks)))]
+        )
         conv = build_conversation(task, study, rng)
         if conv is not None:
             out.append(to_text_conversation(conv, study, image_words))
@@ -155,17 +174,78 @@ def text_conversations(
 
 
 def packed_instruction_rows(
-    conversations: Sequence[dict], tokenizer, seq_len: int, max_length: int = 4096
+    conversations: Sequence[dict],
+    tokenizer,
+    seq_len: int,
+    max_length: int = 4096,
+    packing: str = "cut",
 ) -> torch.Tensor:
     """The conversations in the card's chat format (``cxrlib.data.tokenize``, system text
-    included, ``</s>`` after each answer), concatenated and cut into rows of ``seq_len`` ids,
-    as ``cxrlib.backbones.PackedText`` does for report text."""
+    included, ``</s>`` after each answer) as rows of ``seq_len`` ids.
+
+    ``packing="cut"`` concatenates them and cuts rows anywhere, as ``cxrlib.backbones.PackedText``
+    does for report text. ``"whole"`` puts whole conversations into rows (first fit, in order)
+    and fills the rest with ``<pad>`` (``collate_rows`` gives padding no loss), so a turn-2
+    answer is always learnt with its turn 1 in view; conversations longer than ``seq_len`` are
+    left out (counted in the warning).
+    """
+    if packing not in INSTRUCTION_PACKING:
+        raise TextInstructionError(f"packing '{packing}': use one of {INSTRUCTION_PACKING}")
+    encoded = [encode_conversation(conv, tokenizer, 1, max_length)["input_ids"]  # no <image>
+               for conv in conversations]  # fmt: skip
+    if packing == "cut":
+        ids = [t for row in encoded for t in row]
+        n = len(ids) // seq_len
+        if n == 0:
+            raise ValueError(f"{len(ids)} tokens of conversations do not fill one row of {seq_len}")
+        return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    fitting = [row for row in encoded if len(row) <= seq_len]
+    if len(fitting) < len(encoded):
+        warnings.warn(f"{len(encoded) - len(fitting)} of {len(encoded)} text conversations are "
+                      f"longer than seq_len {seq_len} and were left out", stacklevel=2)  # fmt: skip
+    if not fitting:
+        raise ValueError(f"no text conversation fits in a row of {seq_len} tokens")
+    rows: list[list[int]] = []
+    for conv_ids in fitting:
+        row = next((r for r in rows if len(r) + len(conv_ids) <= seq_len), None)
+        if row is None:
+            rows.append(row := [])
+        row += conv_ids
+    pad = tokenizer.pad_token_id
+    return torch.tensor([r + [pad] * (seq_len - len(r)) for r in rows])
+
+
+def findings_report_rows(
+    studies: Sequence[dict], tokenizer, seq_len: int, abnormal_repeats: int = 1
+) -> torch.Tensor:
+    """The training reports as the tail of a CoT conversation, packed and cut like report text:
+    ``<s>{turn-1 answer}</s>[INST] {turn-2 question} [/INST]{Findings}</s>``.
+
+    The turn-1 answer is the study's own CoT answer (its labels), so every report the LM reads is
+    preceded by the findings it names: the skill turn 2 needs (write the report that the findings
+    of turn 1 call for). Plain packed reports never show that link and whole CoT conversations
+    show it once per ~200 tokens (docs/recipe-log.md E5). IU / MIMIC-CXR training studies only;
+    a study with a positive finding appears ``abnormal_repeats`` times (class balance: about 60%
+    of IU reports name none, and the link lives in the others).
+    """
+    turn2 = user_text(report_user_turns("single", 1, cot=True)[1], first=False)
+    turn2_ids = list(tokenizer(turn2, add_special_tokens=False)["input_ids"])
     ids: list[int] = []
-    for conv in conversations:
-        ids += encode_conversation(conv, tokenizer, 1, max_length)["input_ids"]  # no <image> in it
+    for s in studies:
+        text = (s.get("findings_text") or "").strip()
+        if s["split"] != "train" or s["source"] not in REPORT_SOURCES or not text:
+            continue
+        answer_text = cot_answer(s["labels"])
+        answer = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+        report = tokenizer(text, add_special_tokens=False)["input_ids"]
+        repeats = abnormal_repeats if answer_text != NOT_FOUND else 1
+        ids += repeats * [tokenizer.bos_token_id, *answer, tokenizer.eos_token_id, *turn2_ids,
+                          *report, tokenizer.eos_token_id]  # fmt: skip
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"{len(ids)} tokens of conversations do not fill one row of {seq_len}")
+        raise ValueError(
+            f"{len(ids)} tokens of findings and reports do not fill one row of {seq_len}"
+        )
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
@@ -189,6 +269,8 @@ def with_text_instructions(train_set: Dataset, studies, tokenizer, section: dict
     n = int(section.get("text_instructions", 0) or 0)
     if n <= 0:
         return train_set
-    convs = text_conversations(studies, n, seed, image_words=section.get("image_words", "facts"))
-    rows = packed_instruction_rows(convs, tokenizer, section["seq_len"])
+    convs = text_conversations(studies, n, seed, image_words=section.get("image_words", "facts"),
+                               weights=section.get("text_instruction_weights"))  # fmt: skip
+    rows = packed_instruction_rows(convs, tokenizer, section["seq_len"],
+                                   packing=section.get("instruction_packing", "cut"))  # fmt: skip
     return ConcatDataset([train_set, InstructionRows(rows)])
