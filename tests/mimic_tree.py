@@ -59,12 +59,14 @@ def _split(k: int) -> str:
 def write_mimic_tree(
     root: Path, studies: int = 60, hw: tuple[int, int] = (160, 128), seed: int = 0
 ) -> dict:
-    """Write ``studies`` studies into ``root``; return what was written (counts, bytes)."""
+    """Write ``studies`` studies into ``root``; return what was written (counts, bytes and
+    ``per_study``: subject, study, split, images, whether it has Findings)."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     split_rows, meta_rows, label_rows, sections = [], [], [], []
     n_images = n_bytes = k = subject_k = 0
+    written: list[dict] = []  # one entry per study, for tests to compute what to expect
     while k < studies:
         subject = f"{10000000 + 37 * subject_k:08d}"
         split = _split(subject_k)
@@ -95,6 +97,8 @@ def write_mimic_tree(
             sections.append(dict(study=f"s{study}", impression="No acute process.",
                                  findings="" if no_findings else text, last_paragraph="",
                                  comparison="None." if j == 0 else "Prior study."))  # fmt: skip
+            written.append({"subject": subject, "study": study, "split": split,
+                            "images": len(views), "findings": not no_findings})  # fmt: skip
             k += 1
         subject_k += 1
     pd.DataFrame(split_rows).to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)
@@ -103,7 +107,7 @@ def write_mimic_tree(
     pd.DataFrame(sections).to_csv(root / "mimic_cxr_sectioned.csv", index=False)
     with_findings = sum(bool(s["findings"]) for s in sections)
     return {"studies": studies, "studies_with_findings": with_findings, "subjects": subject_k,
-            "images": n_images, "jpg_bytes": n_bytes}  # fmt: skip
+            "images": n_images, "jpg_bytes": n_bytes, "per_study": written}  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -114,6 +118,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     written = write_mimic_tree(args.root, args.studies, tuple(args.size))
+    written.pop("per_study")
     print(f"{written} in {time.perf_counter() - start:.1f} s")
 
 
