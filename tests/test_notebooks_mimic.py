@@ -18,6 +18,9 @@ from mimic_tree import write_mimic_tree
 from cxrlib.config import load_preset
 from cxrlib.labeler import RULE_BASED_NAME
 
+# a notebook run that stops answering (papermill waiting on a kernel gone idle, seen in 07's widget
+# cell on a busy machine) fails the module instead of hanging the suite
+pytestmark = pytest.mark.timeout(1200)
 SMOKE = load_preset("smoke")
 MAX_IMAGES = SMOKE["data"]["max_images_per_study"]
 NOTEBOOKS = [p.stem for p in SmokeRuns(None).notebooks]
