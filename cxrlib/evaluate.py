@@ -490,25 +490,45 @@ def scorer_notes(labeler=None, radgraph=None, radgraph_note: str | None = None) 
     return out
 
 
-def drop_unboxed_tasks(conversations: Sequence[dict]) -> tuple[list[dict], dict[str, str]]:
-    """Leave out the box tasks none of whose questions has a true box, with the reason.
+# the image boxes each box task needs (what a source may lack)
+BOXES_OF_TASK = {
+    "finding_grounding": "finding",
+    "multi_finding_grounding": "finding",
+    "abnormality_detection": "finding",
+    "organ_grounding": "organ",
+    "phrase_grounding": "phrase",
+}
+
+
+def drop_unboxed_tasks(
+    conversations: Sequence[dict], studies: Sequence[dict]
+) -> tuple[list[dict], dict[str, str]]:
+    """Leave out the box tasks whose kind of box no image of ``studies`` has, with the reason.
 
     A source without boxes (MIMIC-CXR-JPG alone: reports and labels only) still makes
     ``finding_grounding`` questions about absent findings ("Not present.") and
     ``multi_finding_grounding`` ones whose answer is always "Not found."; scoring those would
-    reward a model that never points. Tasks with at least one boxed question are kept whole.
+    reward a model that never points. A source with boxes keeps all its questions, the ones
+    whose finding happens to be absent included (the phantom path is unchanged).
 
     Returns:
         ``(kept conversations, {task: reason})``.
     """
-    grounding = (*BOX_TASKS, "multi_finding_grounding")
-    asked = Counter(c["task"] for c in conversations if c["task"] in grounding)
-    boxed = {c["task"] for c in conversations if c["task"] in grounding and c["meta"].get("boxes")}
+    from cxrlib.data.conversations import finding_boxes, organ_boxes, region_boxes
+
+    images = [im for s in studies for im in s["images"]]
+    present = {
+        "finding": any(finding_boxes(im) for im in images),
+        "organ": any(organ_boxes(im) or region_boxes(im) for im in images),
+        "phrase": any(im.get("phrase_boxes") for im in images),
+    }
+    asked = Counter(c["task"] for c in conversations if c["task"] in BOXES_OF_TASK)
     skipped = {
-        task: f"skipped: none of its {n} test questions has a true box (the test studies' "
-        "source gives no boxes for it; e.g. add MS-CXR or VinDr-CXR, docs/datasets.md)"
+        task: f"skipped: no test image has a {BOXES_OF_TASK[task]} box, so none of its {n} "
+        "questions could name a place (the source gives no such boxes; e.g. add MS-CXR or "
+        "VinDr-CXR, docs/datasets.md)"
         for task, n in asked.items()
-        if task not in boxed
+        if not present[BOXES_OF_TASK[task]]
     }
     return [c for c in conversations if c["task"] not in skipped], skipped
 

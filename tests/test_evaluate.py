@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import example_study
 
 from cxrlib import evaluate, metrics
 from cxrlib.constants import CHEXPERT_LABELS
@@ -415,15 +416,18 @@ def test_report_metrics_add_radgraph_when_given(monkeypatch):
     assert "radgraph" not in plain and "RadGraph F1" not in evaluate.summary_row("x", plain)
 
 
-def test_box_tasks_without_any_true_box_are_dropped_with_a_reason():
+def test_box_tasks_are_dropped_only_when_no_image_has_their_boxes():
     def conv(task, boxes):
         return {"task": task, "meta": {"boxes": boxes}}
 
-    boxed = [conv("finding_grounding", []), conv("finding_grounding", [[1, 2, 3, 4]])]
-    unboxed = [conv("multi_finding_grounding", {}), conv("organ_grounding", [])]
-    other = [conv("vqa", None), conv("single_disease", None)]
-    kept, skipped = evaluate.drop_unboxed_tasks(boxed + unboxed + other)
-    assert kept == boxed + other  # a task with one boxed question is kept whole
-    assert set(skipped) == {"multi_finding_grounding", "organ_grounding"}
-    assert "none of its 1 test questions has a true box" in skipped["organ_grounding"]
-    assert evaluate.drop_unboxed_tasks(boxed) == (boxed, {})
+    convs = [conv("finding_grounding", []), conv("multi_finding_grounding", {}),
+             conv("organ_grounding", [[1, 2, 3, 4]]), conv("vqa", None)]  # fmt: skip
+    unboxed = {"images": [{"finding_boxes": [], "organ_boxes": {}, "hw": [40, 32]}]}
+    kept, skipped = evaluate.drop_unboxed_tasks(convs, [unboxed])
+    assert [c["task"] for c in kept] == ["vqa"]
+    assert set(skipped) == {"finding_grounding", "multi_finding_grounding", "organ_grounding"}
+    assert "no test image has a finding box" in skipped["finding_grounding"]
+    # the phantom path: images with boxes keep every question, absent findings ("Not present.")
+    # included, even when none of the questions drawn has a box
+    boxed = example_study(with_prior=False)
+    assert evaluate.drop_unboxed_tasks(convs, [boxed, unboxed]) == (convs, {})

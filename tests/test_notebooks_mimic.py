@@ -74,6 +74,8 @@ def test_data_prep_counts_match_the_tree(mimic_runs):
     counts = m["adapter_counts"]["mimic_cxr"]
     assert counts["dropped_no_findings"] == len(tree["per_study"]) - len(kept)
     assert m["task_sizes_train"]["cot_multi_study"] > 0
+    # MIMIC-CXR-JPG alone: the release's mixture has only its three report-generation sets
+    assert m["mixture_paper_group_shares"]["report"] == 1.0
     shown = _outputs(runs, "01-data-prep")
     assert "skipped: data.source=mimic_cxr (sections 1-3 describe IU-Phantom)" in shown
     assert "has a finding box" in shown  # the box cell says why it has nothing to draw
@@ -91,7 +93,7 @@ def test_evaluation_names_source_scorers_and_skipped_box_tasks(mimic_runs):
     assert m05["test_studies"] == min(test_studies, SMOKE["eval"]["max_test_studies"])
     assert m05["grounding"] == {}  # MIMIC-CXR-JPG alone has no boxes: no box task is asked
     assert set(m05["skipped_tasks"]) == {"finding_grounding", "multi_finding_grounding"}
-    assert all("has a true box" in r for r in m05["skipped_tasks"].values())
+    assert all("no test image has a finding box" in r for r in m05["skipped_tasks"].values())
     m06 = _metrics(runs, "06-evaluation")
     assert m06["data_source"] == "mimic_cxr" and m06["skipped_tasks"] == m05["skipped_tasks"]
     assert m06["scorers"]["clinical_f1"]["scorer"] == RULE_BASED_NAME
