@@ -490,20 +490,15 @@ def scorer_notes(labeler=None, radgraph=None, radgraph_note: str | None = None) 
     return out
 
 
-# the image boxes each box task needs (what a source may lack)
-BOXES_OF_TASK = {
-    "finding_grounding": "finding",
-    "multi_finding_grounding": "finding",
-    "abnormality_detection": "finding",
-    "organ_grounding": "organ",
-    "phrase_grounding": "phrase",
-}
+# The two box tasks that can be asked without a box (about absent findings); every other box
+# task is built only from boxes, so a source without them makes none of its questions.
+ASKED_WITHOUT_BOXES = ("finding_grounding", "multi_finding_grounding")
 
 
 def drop_unboxed_tasks(
     conversations: Sequence[dict], studies: Sequence[dict]
 ) -> tuple[list[dict], dict[str, str]]:
-    """Leave out the box tasks whose kind of box no image of ``studies`` has, with the reason.
+    """Leave out the finding-box tasks when no image of ``studies`` has a finding box, with why.
 
     A source without boxes (MIMIC-CXR-JPG alone: reports and labels only) still makes
     ``finding_grounding`` questions about absent findings ("Not present.") and
@@ -514,21 +509,16 @@ def drop_unboxed_tasks(
     Returns:
         ``(kept conversations, {task: reason})``.
     """
-    from cxrlib.data.conversations import finding_boxes, organ_boxes, region_boxes
+    from cxrlib.data.conversations import finding_boxes
 
-    images = [im for s in studies for im in s["images"]]
-    present = {
-        "finding": any(finding_boxes(im) for im in images),
-        "organ": any(organ_boxes(im) or region_boxes(im) for im in images),
-        "phrase": any(im.get("phrase_boxes") for im in images),
-    }
-    asked = Counter(c["task"] for c in conversations if c["task"] in BOXES_OF_TASK)
+    if any(finding_boxes(im) for s in studies for im in s["images"]):
+        return list(conversations), {}
+    asked = Counter(c["task"] for c in conversations if c["task"] in ASKED_WITHOUT_BOXES)
     skipped = {
-        task: f"skipped: no test image has a {BOXES_OF_TASK[task]} box, so none of its {n} "
-        "questions could name a place (the source gives no such boxes; e.g. add MS-CXR or "
-        "VinDr-CXR, docs/datasets.md)"
+        task: f"skipped: no test image has a finding box, so none of its {n} questions could "
+        "name a place (the source gives no boxes; e.g. add MS-CXR or VinDr-CXR, "
+        "docs/datasets.md)"
         for task, n in asked.items()
-        if not present[BOXES_OF_TASK[task]]
     }
     return [c for c in conversations if c["task"] not in skipped], skipped
 

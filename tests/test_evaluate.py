@@ -424,8 +424,8 @@ def test_box_tasks_are_dropped_only_when_no_image_has_their_boxes():
              conv("organ_grounding", [[1, 2, 3, 4]]), conv("vqa", None)]  # fmt: skip
     unboxed = {"images": [{"finding_boxes": [], "organ_boxes": {}, "hw": [40, 32]}]}
     kept, skipped = evaluate.drop_unboxed_tasks(convs, [unboxed])
-    assert [c["task"] for c in kept] == ["vqa"]
-    assert set(skipped) == {"finding_grounding", "multi_finding_grounding", "organ_grounding"}
+    assert [c["task"] for c in kept] == ["organ_grounding", "vqa"]  # built only from boxes
+    assert set(skipped) == {"finding_grounding", "multi_finding_grounding"}
     assert "no test image has a finding box" in skipped["finding_grounding"]
     # the phantom path: images with boxes keep every question, absent findings ("Not present.")
     # included, even when none of the questions drawn has a box
