@@ -20,7 +20,7 @@ from cxrlib.labeler import RULE_BASED_NAME
 
 # a notebook run that stops answering (papermill waiting on a kernel gone idle, seen in 07's widget
 # cell on a busy machine) fails the module instead of hanging the suite
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = pytest.mark.timeout(600)
 SMOKE = load_preset("smoke")
 MAX_IMAGES = SMOKE["data"]["max_images_per_study"]
 NOTEBOOKS = [p.stem for p in SmokeRuns(None).notebooks]
