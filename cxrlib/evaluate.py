@@ -285,6 +285,7 @@ def report_metrics(
     seed: int = 0,
     meteor: str = "auto",
     language: bool = True,
+    radgraph=None,
 ) -> dict:
     """Clinical accuracy and language metrics of generated reports.
 
@@ -296,6 +297,8 @@ def report_metrics(
         seed: bootstrap seed.
         meteor: METEOR backend (``cxrlib.metrics.meteor_backend``).
         language: also compute BLEU/METEOR/ROUGE-L/CIDEr.
+        radgraph: a ``cxrlib.radgraph_f1.RadGraphScorer`` (``radgraph_scorer()``) to add RadGraph
+            F1 (``simple``, ``partial`` = the paper's, ``complete``); None = left out.
 
     Returns:
         ``{"n", "views", "labeler", "clinical": {...}, "clinical_ci": {...},
@@ -337,6 +340,9 @@ def report_metrics(
         )
     if language:
         out["language"] = metrics.language_metrics(refs, hyps, meteor=meteor)
+    if radgraph is not None:
+        scores = radgraph.score(hyps, refs)
+        out["radgraph"] = {k: v for k, v in scores.items() if k != "per_pair_partial"}
     return out
 
 
@@ -404,6 +410,8 @@ def summary_row(name: str, result: dict) -> dict:
     for key in metrics.LANGUAGE_KEYS:
         value = result.get("language", {}).get(key)
         row[key] = None if value is None else 100 * value
+    if "radgraph" in result:  # only when the radgraph package and its weights were there
+        row["RadGraph F1"] = 100 * result["radgraph"]["partial"]
     return row
 
 
@@ -452,6 +460,67 @@ def per_label_table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 # --- grounding, naming, VQA ---------------------------------------------------------------------
+
+
+# the turn-1 findings F1 (notebooks 04-06) reads the model's answer list, not a report
+ANSWER_SCORER = "cxrlib.answers.parse_findings (the turn-1 findings list) vs the study's labels"
+
+
+def scorer_notes(labeler=None, radgraph=None, radgraph_note: str | None = None) -> dict:
+    """What scored a metrics file's clinical numbers, with versions (one entry per measure).
+
+    Args:
+        labeler: the report labeler of the clinical F1 (``get_labeler``); None when the file's F1
+            compares answer lists only (notebooks 04 and 05).
+        radgraph: a ``cxrlib.radgraph_f1.RadGraphScorer`` when RadGraph F1 was computed.
+        radgraph_note: why it was not (``radgraph_scorer``'s note).
+
+    Returns:
+        ``{"turn1_findings_f1": ..., "clinical_f1": {"scorer", "version"}, "radgraph_f1": ...}``.
+    """
+    from cxrlib import __version__
+
+    out: dict = {"turn1_findings_f1": f"{ANSWER_SCORER}, cxrlib {__version__}"}
+    if labeler is not None:
+        out["clinical_f1"] = {"scorer": labeler.name, "version": labeler.version}
+    if radgraph is not None:
+        out["radgraph_f1"] = {"scorer": radgraph.name}
+    elif labeler is not None:
+        out["radgraph_f1"] = {"note": radgraph_note or "RadGraph F1 not computed"}
+    return out
+
+
+# The two box tasks that can be asked without a box (about absent findings); every other box
+# task is built only from boxes, so a source without them makes none of its questions.
+ASKED_WITHOUT_BOXES = ("finding_grounding", "multi_finding_grounding")
+
+
+def drop_unboxed_tasks(
+    conversations: Sequence[dict], studies: Sequence[dict]
+) -> tuple[list[dict], dict[str, str]]:
+    """Leave out the finding-box tasks when no image of ``studies`` has a finding box, with why.
+
+    A source without boxes (MIMIC-CXR-JPG alone: reports and labels only) still makes
+    ``finding_grounding`` questions about absent findings ("Not present.") and
+    ``multi_finding_grounding`` ones whose answer is always "Not found."; scoring those would
+    reward a model that never points. A source with boxes keeps all its questions, the ones
+    whose finding happens to be absent included (the phantom path is unchanged).
+
+    Returns:
+        ``(kept conversations, {task: reason})``.
+    """
+    from cxrlib.data.conversations import finding_boxes
+
+    if any(finding_boxes(im) for s in studies for im in s["images"]):
+        return list(conversations), {}
+    asked = Counter(c["task"] for c in conversations if c["task"] in ASKED_WITHOUT_BOXES)
+    skipped = {
+        task: f"skipped: no test image has a finding box, so none of its {n} questions could "
+        "name a place (the source gives no boxes; e.g. add MS-CXR or VinDr-CXR, "
+        "docs/datasets.md)"
+        for task, n in asked.items()
+    }
+    return [c for c in conversations if c["task"] not in skipped], skipped
 
 
 def _boxes_of(answer: str | None) -> list[list[int]] | None:

@@ -515,6 +515,13 @@ class RuleBasedLabeler:
 
     name = RULE_BASED_NAME
 
+    @property
+    def version(self) -> str:
+        """The rules' version is their name's ``v1``; the code is cxrlib's (metrics files)."""
+        from cxrlib import __version__
+
+        return f"cxrlib.labeler {RULE_BASED_NAME}, cxrlib {__version__}"
+
     def __call__(self, texts: Iterable[str]) -> pd.DataFrame:
         return label_reports(texts)
 
@@ -570,6 +577,13 @@ class CheXbertLabeler:
 
         self._model = F1CheXbert(device=device)
 
+    @property
+    def version(self) -> str:
+        """The installed ``f1chexbert`` (its weights: StanfordAIMI/RRG_scorers chexbert.pth)."""
+        from importlib import metadata
+
+        return f"f1chexbert {metadata.version('f1chexbert')} (chexbert.pth, bert-base-uncased)"
+
     def label(self, text: str) -> dict[str, int | None]:
         raw = self._model.get_label(text, mode="classification")
         return {name: (None if v == "" else int(v)) for name, v in zip(_CHEXBERT_ORDER, raw)}
@@ -587,7 +601,8 @@ def get_labeler(name: str = "auto", device: str = "cpu"):
         device: device for CheXbert.
 
     Returns:
-        An object with ``.name`` (recorded in every metrics file), ``.label(text) -> dict`` and
+        An object with ``.name`` and ``.version`` (recorded in every metrics file that holds a
+        clinical F1, ``cxrlib.evaluate.scorer_notes``), ``.label(text) -> dict`` and
         ``__call__(texts) -> DataFrame``.
     """
     if name == "rule":

@@ -95,8 +95,16 @@ def data_prep(m: dict, cfg: dict) -> list[str]:
         f"{m['num_studies']} studies with {m['num_images']} images; splits "
         + ", ".join(f"{k} {v}" for k, v in m["split_sizes"].items())
         + ".",
-        f"{m['mesh_mapped_pct']:.1f}% of the MeSH terms map to a CheXpert observation.",
     ]
+    if "mesh_mapped_pct" in m:  # IU-Phantom
+        lines.append(
+            f"{m['mesh_mapped_pct']:.1f}% of the MeSH terms map to a CheXpert observation."
+        )
+    else:  # a real source: what its adapter read
+        lines.append(
+            f"Source {m.get('data_source')}: {m.get('studies_with_prior', 0)} studies have a prior "
+            "study of the same subject (the multi-study task)."
+        )
     if shares:
         lines.append(
             "The paper mixture's group shares here: "

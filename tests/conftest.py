@@ -164,16 +164,18 @@ def smoke_out(tmp_path_factory):
 class SmokeRuns:
     """Every notebook run under ``smoke`` into one folder (each reads what the previous wrote).
 
-    ``upto(name)`` runs, in order, the notebooks up to ``name`` that have not run yet in this
+    ``overrides`` is passed to every notebook (``make all OVERRIDES=...``). ``upto(name)`` runs,
+    in order, the notebooks up to ``name`` that have not run yet in this
     session, so whichever test asks first pays and the others reuse the artifacts. ``status[stem]``
     is ``"ok"`` or the runner's one-line error; ``stderr[stem]`` is what that notebook's kernel
     wrote to stderr (kept per notebook, since the asking test may not be the notebook's own).
     """
 
-    def __init__(self, root):
+    def __init__(self, root, overrides: str = ""):
         from cxrlib.utils import REPO_ROOT
 
         self.root = root
+        self.overrides = overrides  # e.g. "data.source=mimic_cxr data.roots.mimic_cxr=DIR"
         self.notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb"))
         self.status: dict[str, str] = {}
         self.stderr: dict[str, str] = {}
@@ -195,6 +197,7 @@ class SmokeRuns:
                                 preset="smoke",
                                 output_dir=str(self.root),
                                 figure_dir=str(self.root / "figures"),
+                                overrides=self.overrides,
                             )
                             self.status[stem] = "ok"
                         except SystemExit as err:  # run() reports failures as one line

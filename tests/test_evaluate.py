@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import example_study
 
 from cxrlib import evaluate, metrics
 from cxrlib.constants import CHEXPERT_LABELS
@@ -334,3 +335,99 @@ def test_junk_outputs_are_counted_and_flagged_next_to_the_clinical_table():
     assert "direct (4 of 5" in note and "cot" not in note.split("quality:")[1]
     assert evaluate.degenerate_note({"cot": good}) == ""
     assert "MOSTLY DEGENERATE" in evaluate.markdown_table(table)
+
+
+# --- scorer notes and box tasks without boxes ---------------------------------------------------
+
+
+def _fake_radgraph(monkeypatch):
+    """``radgraph.F1RadGraph`` with the package's call signature (``F1RadGraph(reward_level,
+    model_type=None, **kwargs)``, called as ``(refs=..., hyps=...)`` and returning (mean rewards,
+    per-pair rewards, hypothesis annotations, reference annotations)); a fixed 0.25 partial."""
+    import sys
+    import types
+
+    class F1RadGraph:
+        def __init__(self, reward_level, model_type=None, **kwargs):
+            assert reward_level == "all"
+
+        def __call__(self, refs, hyps):
+            n = len(hyps)
+            return (0.5, 0.25, 0.2), ([0.5] * n, [0.25] * n, [0.2] * n), [{}] * n, [{}] * n
+
+    monkeypatch.setitem(sys.modules, "radgraph", types.SimpleNamespace(F1RadGraph=F1RadGraph))
+    monkeypatch.setattr("cxrlib.radgraph_f1.metadata.version", lambda name: "0.1.18")
+
+
+def test_scorer_notes_name_every_scorer_and_version(monkeypatch):
+    from cxrlib import __version__
+    from cxrlib.radgraph_f1 import radgraph_scorer
+
+    rule = RuleBasedLabeler()
+    notes = evaluate.scorer_notes(rule, None, "RadGraph F1 not computed: no package")
+    assert notes["clinical_f1"] == {
+        "scorer": "rule-based-chexpert-v1",
+        "version": f"cxrlib.labeler rule-based-chexpert-v1, cxrlib {__version__}",
+    }
+    assert notes["radgraph_f1"] == {"note": "RadGraph F1 not computed: no package"}
+    assert (
+        "parse_findings" in notes["turn1_findings_f1"] and __version__ in notes["turn1_findings_f1"]
+    )
+    assert set(evaluate.scorer_notes()) == {"turn1_findings_f1"}  # answer lists only (04, 05)
+    _fake_radgraph(monkeypatch)
+    scorer, note = radgraph_scorer()
+    assert note is None
+    notes = evaluate.scorer_notes(rule, scorer)
+    assert notes["radgraph_f1"] == {"scorer": "radgraph 0.1.18 (radgraph-xl)"}
+
+
+def test_chexbert_version_comes_from_the_installed_package(monkeypatch):
+    """``f1chexbert.F1CheXbert(device=...)`` as the package defines it; version from metadata."""
+    import sys
+    import types
+
+    from cxrlib import labeler as lab
+
+    class F1CheXbert:
+        def __init__(self, refs_filename=None, hyps_filename=None, device=None):
+            self.device = device
+
+    monkeypatch.setitem(sys.modules, "f1chexbert", types.SimpleNamespace(F1CheXbert=F1CheXbert))
+    monkeypatch.setattr(lab, "chexbert_available", lambda: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("importlib.metadata.version", lambda name: {"f1chexbert": "0.0.2"}[name])
+    notes = evaluate.scorer_notes(lab.get_labeler("chexbert"))
+    assert notes["clinical_f1"]["scorer"] == lab.CHEXBERT_NAME
+    assert notes["clinical_f1"]["version"].startswith("f1chexbert 0.0.2")
+
+
+def test_report_metrics_add_radgraph_when_given(monkeypatch):
+    from cxrlib.radgraph_f1 import radgraph_scorer
+
+    _fake_radgraph(monkeypatch)
+    scorer, _ = radgraph_scorer()
+    recs = [record("a", NORMAL, NORMAL), record("b", CARDIO, EDEMA)]
+    out = evaluate.report_metrics(recs, RuleBasedLabeler(), bootstrap_samples=0, language=False,
+                                  radgraph=scorer)  # fmt: skip
+    assert out["radgraph"]["partial"] == 0.25 and out["radgraph"]["n"] == 2
+    assert out["radgraph"]["scorer"] == "radgraph 0.1.18 (radgraph-xl)"
+    assert evaluate.summary_row("x", out)["RadGraph F1"] == 25.0
+    plain = evaluate.report_metrics(recs, RuleBasedLabeler(), bootstrap_samples=0, language=False)
+    assert "radgraph" not in plain and "RadGraph F1" not in evaluate.summary_row("x", plain)
+
+
+def test_box_tasks_are_dropped_only_when_no_image_has_their_boxes():
+    def conv(task, boxes):
+        return {"task": task, "meta": {"boxes": boxes}}
+
+    convs = [conv("finding_grounding", []), conv("multi_finding_grounding", {}),
+             conv("organ_grounding", [[1, 2, 3, 4]]), conv("vqa", None)]  # fmt: skip
+    unboxed = {"images": [{"finding_boxes": [], "organ_boxes": {}, "hw": [40, 32]}]}
+    kept, skipped = evaluate.drop_unboxed_tasks(convs, [unboxed])
+    assert [c["task"] for c in kept] == ["organ_grounding", "vqa"]  # built only from boxes
+    assert set(skipped) == {"finding_grounding", "multi_finding_grounding"}
+    assert "no test image has a finding box" in skipped["finding_grounding"]
+    # the phantom path: images with boxes keep every question, absent findings ("Not present.")
+    # included, even when none of the questions drawn has a box
+    boxed = example_study(with_prior=False)
+    assert evaluate.drop_unboxed_tasks(convs, [boxed, unboxed]) == (convs, {})

@@ -88,3 +88,19 @@ def test_the_runner_passes_the_file_as_an_absolute_path(tmp_path, monkeypatch):
     run_notebook.run(tmp_path / "x.ipynb", tmp_path / "out" / "y.ipynb", "mine.yaml", "", "")
     # the kernel runs in the notebook's folder: a relative path would not resolve there
     assert seen["parameters"]["PRESET"] == str(tmp_path / "mine.yaml")
+
+
+def test_overrides_reach_every_notebook(tmp_path):
+    """`make all OVERRIDES="data.source=mimic_cxr data.roots.mimic_cxr=DIR"` (README, the paper's
+    datasets): each notebook run gets the same --overrides, which setup() reads as the preset."""
+    from cxrlib.notebook import read_overrides
+
+    overrides = f"data.source=mimic_cxr data.roots.mimic_cxr={tmp_path}/mimic-cxr-jpg/2.1.0"
+    result = run_make("-n", "all", "BUILD=build/tiny-mimic", f"OVERRIDES={overrides}")
+    assert result.returncode == 0, result.stderr
+    runs = [line for line in result.stdout.splitlines() if "cxrlib.run_notebook" in line]
+    assert len(runs) == len(NOTEBOOKS)
+    assert all(f'--overrides "{overrides}"' in line for line in runs)
+    assert read_overrides(overrides) == {
+        "data": {"source": "mimic_cxr", "roots": {"mimic_cxr": f"{tmp_path}/mimic-cxr-jpg/2.1.0"}}
+    }
