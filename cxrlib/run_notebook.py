@@ -21,9 +21,11 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
 
 KERNEL = "m4cxr"
 # Progress bars off in papermill runs: a saved notebook would show each bar as its first frame
@@ -70,11 +72,19 @@ class IpcKernelManager(AsyncKernelManager):
     ipykernel warns once per start that TCP without CurveZMQ keys is unencrypted; papermill's
     kernel only ever talks to this process, so sockets in Jupyter's private runtime folder
     (``0700``) are the transport that warning recommends.
+
+    Each manager gets its own socket prefix there: jupyter_client's default, ``kernel-ipc`` in
+    the working directory (``notebooks/``), picks ``-1``..``-5`` by checking which files exist,
+    so two runs started together in one checkout shared sockets and lost replies (a notebook that
+    hung forever, seen in notebook 07), and a killed run left the files in ``notebooks/``.
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.transport = "ipc"
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(parents=True, exist_ok=True)
+        self.ip = str(runtime / f"cxrlib-kernel-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
     async def _async_interrupt_kernel(self) -> None:
         # jupyter_client sends SIGINT before every shutdown; after the last cell the kernel is idle

@@ -199,5 +199,12 @@ def test_quiet_progress_bars_disables_notebook_bars(monkeypatch):
     assert tqdm.auto.tqdm(total=3, disable=False).disable
 
 
-def test_kernel_manager_uses_ipc():
-    assert run_notebook.IpcKernelManager(kernel_name=run_notebook.KERNEL).transport == "ipc"
+def test_kernel_manager_uses_ipc_with_its_own_sockets():
+    from pathlib import Path
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    a, b = (run_notebook.IpcKernelManager(kernel_name=run_notebook.KERNEL) for _ in range(2))
+    assert a.transport == b.transport == "ipc"
+    # two runs at once must not share sockets (the default "kernel-ipc" in the working directory)
+    assert a.ip != b.ip and Path(a.ip).parent == Path(jupyter_runtime_dir())
