@@ -144,7 +144,11 @@ def _data_prep_ok(m: dict) -> bool:
 CHECKS = {
     "00-overview": lambda m: m["tokens_per_image"] == 4 and m["patches_per_image"] == 16,
     "01-data-prep": _data_prep_ok,
-    "02-backbones": lambda m: {"tokenizer", "lm_pretrain", "encoder_pretrain"} <= set(m),
+    "02-backbones": lambda m: (
+        {"tokenizer", "lm_pretrain", "encoder_pretrain"} <= set(m)
+        and m["lm_turn2"]["studies"] > 0
+        and 0 <= m["lm_turn2"]["turn1_in_report"] <= m["lm_turn2"]["turn1_named"]
+    ),
     "03-projector-pretraining": lambda m: m["steps"] == 4 and m["trainable_parameters"] > 0,
     "04-instruction-tuning-lora": lambda m: (
         m["steps"] == 4 and 0 < m["trainable_parameters"] < m["total_parameters"]
