@@ -22,34 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from cxrlib import evaluate
-from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS, FRONTAL_VIEWS
-from cxrlib.data.conversations import LABEL_OF, build_conversation
+from cxrlib.constants import CHEXPERT_LABELS, FRONTAL_VIEWS
+from cxrlib.data.conversations import build_conversation
 from cxrlib.data.datasets import load_datasets
 from cxrlib.inference import LocalBackend, generate_reports, run_conversations
 from cxrlib.labeler import get_labeler
 
 MAX_PER_TASK = 150  # notebook 05's questions per grounding / VQA task (tiny)
-
-
-def turn_agreement(records: list[dict], labeler) -> dict:
-    """Share of turn-1 findings the labeler finds positive in the turn-2 report, and the share of
-    the report's positive findings (13 CoT findings) that turn 1 named."""
-    rows = [r for r in records if r.get("findings") is not None]
-    table = evaluate.label_texts([r["report"] for r in rows], labeler).fillna(0)  # NA: no mention
-    named = in_report = positive = named_back = 0
-    for r, (_, labels) in zip(rows, table.iterrows()):
-        pos = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == 1}
-        said = set(r["findings"])
-        named += len(said)
-        in_report += len(said & pos)
-        positive += len(pos)
-        named_back += len(pos & said)
-    return {
-        "turn1_named": named,
-        "turn1_in_report": in_report / named if named else None,
-        "report_positive": positive,
-        "report_in_turn1": named_back / positive if positive else None,
-    }
 
 
 def main() -> None:
@@ -80,7 +59,7 @@ def main() -> None:
         "turn1_not_found_share": float(np.mean([r["findings"] == [] for r in cot])),
         "cot_findings_frontal": evaluate.cot_findings_metrics(frontal, study_labels),
         "cot_findings_all_views": evaluate.cot_findings_metrics(cot, study_labels)["macro_f1"],
-        "agreement_frontal": turn_agreement(frontal, labeler),
+        "agreement_frontal": evaluate.turn_agreement(frontal, labeler),
         "report_seconds": time.perf_counter() - t0,
     }
     # the two report baselines of notebook 06, scored the same way

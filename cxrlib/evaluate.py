@@ -381,6 +381,28 @@ def cot_findings_metrics(records: Sequence[dict], study_labels: dict[str, dict])
     }
 
 
+def turn_agreement(records: Sequence[dict], labeler=None) -> dict:
+    """Does the CoT report follow its own turn 1? Over CoT records (``findings`` = the parsed
+    turn-1 answer): ``turn1_in_report``, the share of turn-1 findings that the labeler finds
+    positive in the turn-2 report, and ``report_in_turn1``, the share of the report's positive
+    findings (the 13 CoT findings) that turn 1 named (None where nothing was named)."""
+    rows = [r for r in records if r.get("findings") is not None]
+    table = label_texts([r["report"] for r in rows], labeler).fillna(0)  # NA: not mentioned
+    named = named_in_report = positive = positive_named = 0
+    for r, (_, labels) in zip(rows, table.iterrows()):
+        found = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == POSITIVE}
+        said = set(r["findings"])
+        named, named_in_report = named + len(said), named_in_report + len(said & found)
+        positive, positive_named = positive + len(found), positive_named + len(found & said)
+    return {
+        "n": len(rows),
+        "turn1_named": named,
+        "turn1_in_report": named_in_report / named if named else None,
+        "report_positive": positive,
+        "report_in_turn1": positive_named / positive if positive else None,
+    }
+
+
 def findings_jaccard(record: dict, study_labels: dict[str, dict]) -> float | None:
     """Overlap of a CoT turn-1 answer with the study's positive findings (1 = exact; None if
     the answer was malformed). Used to pick good and bad examples."""

@@ -141,10 +141,14 @@ def backbones(m: dict, cfg: dict) -> list[str]:
             f"{t2['turn1_named']} findings that turn 1 listed ({_pct(follows / t2['turn1_named'])}; "
             f"{t2['distinct_reports']} distinct reports for {t2['studies']} validation studies), "
             f"and the true turn 1 saves {t2['nll_gain']:.2f} nats per report against "
-            f"\"Not found.\": "
-            + ("turn 2 does not follow turn 1 yet." if follows == 0 else
-               "turn 2 follows turn 1 only for some findings." if follows < 0.5 * t2["turn1_named"]
-               else "turn 2 mostly follows turn 1.")  # fmt: skip
+            f'"Not found.": '
+            + (
+                "turn 2 does not follow turn 1 yet."
+                if follows == 0
+                else "turn 2 follows turn 1 only for some findings."
+                if follows < 0.5 * t2["turn1_named"]
+                else "turn 2 mostly follows turn 1."
+            )  # fmt: skip
         )
     enc = m.get("encoder_pretrain", {})
     auroc = enc.get("val_label_macro_auroc")
@@ -329,6 +333,24 @@ def evaluation(m: dict, cfg: dict) -> list[str]:
         lines.append(
             f"CoT vs direct prompt, mF1-14: {100 * a:.1f} vs {100 * b:.1f} (CoT {compare(a, b)} "
             f"direct; the direct prompt was {trained} of this model)."
+        )
+    t = m.get("turn_agreement") or {}
+    if t.get("turn1_named"):
+        back = t.get("report_in_turn1")
+        lines.append(
+            f"Chain of thought: the reports state {_pct(t['turn1_in_report'])} of the "
+            f"{t['turn1_named']} findings that turn 1 named"
+            + (
+                f", and turn 1 had named {_pct(back)} of the {t['report_positive']} findings the "
+                f"reports state"
+                if back is not None
+                else ", and state no finding at all"
+            )  # fmt: skip
+            + (
+                f" ({t['distinct_reports']} distinct reports for {t['n']} frontal images)."
+                if "distinct_reports" in t
+                else "."
+            )  # fmt: skip
         )
     g = m.get("grounding", {}).get("overall")
     if g:

@@ -431,3 +431,16 @@ def test_box_tasks_are_dropped_only_when_no_image_has_their_boxes():
     # included, even when none of the questions drawn has a box
     boxed = example_study(with_prior=False)
     assert evaluate.drop_unboxed_tasks(convs, [boxed, unboxed]) == (convs, {})
+
+
+def test_turn_agreement_counts_both_directions():
+    records = [
+        {"findings": ["cardiomegaly"], "report": "The heart is enlarged. The lungs are clear."},
+        {"findings": ["pleural effusion", "cardiomegaly"], "report": "Heart size is normal. No effusion."},
+        {"findings": [], "report": "There is a small right pneumothorax."},
+        {"findings": None, "report": "malformed turn 1: not counted"},
+    ]  # fmt: skip
+    out = evaluate.turn_agreement(records)
+    assert out["n"] == 3 and out["turn1_named"] == 3
+    assert out["turn1_in_report"] == pytest.approx(1 / 3)  # only the first cardiomegaly
+    assert out["report_positive"] == 2 and out["report_in_turn1"] == pytest.approx(1 / 2)

@@ -98,7 +98,9 @@ def test_turn2_line_follows_the_counts():
     text = narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
     assert "names 0 of the 48" in text and "does not follow turn 1 yet" in text
     t2.update(turn1_in_report=7)
-    assert "only for some findings" in narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
+    assert "only for some findings" in narrative.what_this_run_shows(
+        "02-backbones", {"lm_turn2": t2}
+    )
     t2.update(turn1_in_report=40)
     assert "mostly follows" in narrative.what_this_run_shows("02-backbones", {"lm_turn2": t2})
 
@@ -208,3 +210,13 @@ def test_kernel_manager_uses_ipc_with_its_own_sockets():
     assert a.transport == b.transport == "ipc"
     # two runs at once must not share sockets (the default "kernel-ipc" in the working directory)
     assert a.ip != b.ip and Path(a.ip).parent == Path(jupyter_runtime_dir())
+
+
+def test_evaluation_states_the_turn_agreement():
+    m = {"labeler": "rule-based", "reports": {},
+         "turn_agreement": {"n": 50, "turn1_named": 40, "turn1_in_report": 0.25,
+                            "report_positive": 10, "report_in_turn1": 1.0, "distinct_reports": 6}}  # fmt: skip
+    m["reports"]["CoT, single image, frontal"] = {"clinical": {"mF1-14": 0.1, "uF1-14": 0.5}}
+    text = narrative.what_this_run_shows("06-evaluation", m)
+    assert "25.0% of the 40 findings that turn 1 named" in text and "100.0% of the 10" in text
+    assert "6 distinct reports for 50 frontal images" in text

@@ -165,6 +165,9 @@ CHECKS = {
         bool(m["labeler"])
         and "mF1-14" in m["reports"]["CoT, single image, frontal"]["clinical"]
         and all(r["degenerate"]["n"] == r["n"] for r in m["reports"].values())
+        and 1
+        <= m["turn_agreement"]["distinct_reports"]
+        <= m["reports"]["CoT, single image, frontal"]["n"]
     ),
     "07-explorer": lambda m: m["studies"] > 0 and 0 <= m["exact_label_agreement"] <= 1,
 }
