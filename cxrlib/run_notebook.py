@@ -75,8 +75,8 @@ class IpcKernelManager(AsyncKernelManager):
 
     Each manager gets its own socket prefix there: jupyter_client's default, ``kernel-ipc`` in
     the working directory (``notebooks/``), picks ``-1``..``-5`` by checking which files exist,
-    so two runs started together in one checkout shared sockets and lost replies (a notebook that
-    hung forever, seen in notebook 07), and a killed run left the files in ``notebooks/``.
+    so two runs started together in one checkout could bind the same sockets, and a killed run
+    left its socket files in ``notebooks/``.
     """
 
     def __init__(self, **kwargs):
