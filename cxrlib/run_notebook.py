@@ -31,7 +31,9 @@ KERNEL = "m4cxr"
 # Progress bars off in papermill runs: a saved notebook would show each bar as its first frame
 # (0%). tqdm reads TQDM_DISABLE for bars that do not set `disable` themselves; Hugging Face's
 # bars ("Loading weights") read HF_HUB_DISABLE_PROGRESS_BARS.
-QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# CXRLIB_HEADLESS: no frontend will ever draw a widget (notebook 07 then renders its first study
+# without an Output widget: that path hung papermill's client, under ipykernel 6 and 7 alike)
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "CXRLIB_HEADLESS": "1"}
 # tqdm's notebook bars ignore TQDM_DISABLE (they always pass `disable` on), so the kernel also
 # runs this line before the first cell.
 KERNEL_STARTUP = "import cxrlib.run_notebook as _rn; _rn.quiet_progress_bars()"
