@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import Dataset
 
+from cxrlib.answers import parse_findings
 from cxrlib.constants import (
     COT_FINDINGS,
     IGNORE_INDEX,
@@ -43,9 +44,9 @@ from cxrlib.data import conversations as C
 from cxrlib.data.boxes import format_boxes
 from cxrlib.data.datasets import load_datasets
 from cxrlib.data.text_instructions import to_text_conversation
-from cxrlib.data.tokenize import encode_conversation, encode_prompt
+from cxrlib.data.tokenize import cut_into_rows, encode_conversation, encode_prompt
 from cxrlib.engine import causal_lm_loss
-from cxrlib.labeler import label_report
+from cxrlib.evaluate import agreement_counts
 from cxrlib.utils import require_artifact
 
 MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
@@ -72,15 +73,18 @@ def read_images(out_dir: str | Path):
 
 
 def report_corpus(
-    studies: Sequence[dict], split: str = "train", sources: Sequence[str] | None = REPORT_SOURCES
+    studies: Sequence[dict],
+    split: str = "train",
+    sources: Sequence[str] | None = REPORT_SOURCES,
+    sections: Sequence[str] = ("findings_text", "impression"),
 ) -> list[str]:
-    """Findings and impressions of one split's studies (one string each, empty ones skipped),
-    from the sources with written reports (IU X-ray, MIMIC-CXR; not the synthetic longitudinal
-    follow-ups); ``sources=None`` takes every study."""
+    """Findings and impressions (``sections``) of one split's studies (one string each, empty
+    ones skipped), from the sources with written reports (IU X-ray, MIMIC-CXR; not the synthetic
+    longitudinal follow-ups); ``sources=None`` takes every study."""
     texts = []
     for s in studies:
         if s["split"] == split and (sources is None or s["source"] in sources):
-            texts += [t.strip() for t in (s.get("findings_text"), s.get("impression")) if t]
+            texts += [t.strip() for t in (s.get(k) for k in sections) if t]
     return [t for t in texts if t]
 
 
@@ -147,10 +151,7 @@ class PackedText(Dataset):
         ids: list[int] = []
         for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
             ids += [tokenizer.bos_token_id, *row, tokenizer.eos_token_id]
-        n = len(ids) // seq_len
-        if n == 0:
-            raise ValueError(f"{len(ids)} tokens of text do not fill one row of {seq_len}")
-        self.rows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+        self.rows = cut_into_rows(ids, seq_len, "text")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -238,21 +239,17 @@ def turn2_dependence(lm: nn.Module, tokenizer, studies: Sequence[dict], n: int =
 
     def report_nll(conv: dict) -> float:
         enc = encode_conversation(conv, tokenizer, 1)
-        labels = enc["labels"]
-        end = labels.index(tokenizer.eos_token_id)  # the </s> closing turn 1
-        target = torch.tensor([IGNORE_INDEX] * end + labels[end + 1 :], device=device)
-        logits = lm(torch.tensor([enc["input_ids"]], device=device)).logits[0, :-1]
-        keep = target != IGNORE_INDEX
-        return F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+        labels = list(enc["labels"])
+        end = labels.index(tokenizer.eos_token_id)  # the </s> closing turn 1: no loss up to it
+        labels[: end + 1] = [IGNORE_INDEX] * (end + 1)
+        logits = lm(torch.tensor([enc["input_ids"]], device=device)).logits
+        return causal_lm_loss(logits, torch.tensor([labels], device=device))[0].item()
 
     was_training = lm.training
     lm.eval()
     rng = np.random.default_rng(0)
     held_out = [s for s in studies if s["split"] == "val" and s["source"] in REPORT_SOURCES]
-    gains, reports = [], []
-    counts = dict.fromkeys(
-        ("turn1_named", "turn1_in_report", "report_positive", "report_in_turn1"), 0
-    )
+    gains, reports, turn1_findings = [], [], []
     with torch.no_grad():
         for study in held_out[:n]:
             conv = C.build_conversation("cot_single", study, rng)
@@ -274,16 +271,10 @@ def turn2_dependence(lm: nn.Module, tokenizer, studies: Sequence[dict], n: int =
                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()  # fmt: skip
             if tokenizer.eos_token_id in out:
                 out = out[: out.index(tokenizer.eos_token_id)]
-            report = tokenizer.decode(out, skip_special_tokens=True).strip()
-            reports.append(report)
-            labels = label_report(report)
-            said = {f for f in COT_FINDINGS if f in turn1}
-            found = {f for f in COT_FINDINGS if labels.get(LABEL_OF[f]) == POSITIVE}
-            counts["turn1_named"] += len(said)
-            counts["turn1_in_report"] += len(said & found)
-            counts["report_positive"] += len(found)
-            counts["report_in_turn1"] += len(found & said)
+            reports.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+            turn1_findings.append(parse_findings(turn1))
     lm.train(was_training)
+    counts = agreement_counts(turn1_findings, reports)
     return {"studies": len(reports), "studies_with_finding": len(gains),
             "nll_gain": float(np.mean(gains)) if gains else None,
             "distinct_reports": len(set(reports)), **counts, "example_reports": reports[:3]}  # fmt: skip

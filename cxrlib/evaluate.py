@@ -381,25 +381,38 @@ def cot_findings_metrics(records: Sequence[dict], study_labels: dict[str, dict])
     }
 
 
+def agreement_counts(turn1: Sequence[Sequence[str]], reports: Sequence[str], labeler=None) -> dict:
+    """Counts behind ``turn_agreement``: findings named in turn 1 (``turn1_named``), of them
+    positive in the report (``turn1_in_report``), the report's positives among the 13 CoT
+    findings (``report_positive``) and, of them, named in turn 1 (``report_in_turn1``)."""
+    table = label_texts(reports, labeler).fillna(0)  # NA: not mentioned
+    counts = dict.fromkeys(
+        ("turn1_named", "turn1_in_report", "report_positive", "report_in_turn1"), 0
+    )
+    for said, (_, labels) in zip(turn1, table.iterrows()):
+        said = set(said)
+        found = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == POSITIVE}
+        counts["turn1_named"] += len(said)
+        counts["turn1_in_report"] += len(said & found)
+        counts["report_positive"] += len(found)
+        counts["report_in_turn1"] += len(found & said)
+    return counts
+
+
 def turn_agreement(records: Sequence[dict], labeler=None) -> dict:
     """Does the CoT report follow its own turn 1? Over CoT records (``findings`` = the parsed
     turn-1 answer): ``turn1_in_report``, the share of turn-1 findings that the labeler finds
     positive in the turn-2 report, and ``report_in_turn1``, the share of the report's positive
     findings (the 13 CoT findings) that turn 1 named (None where nothing was named)."""
     rows = [r for r in records if r.get("findings") is not None]
-    table = label_texts([r["report"] for r in rows], labeler).fillna(0)  # NA: not mentioned
-    named = named_in_report = positive = positive_named = 0
-    for r, (_, labels) in zip(rows, table.iterrows()):
-        found = {f for f in COT_FINDINGS if labels[LABEL_OF[f]] == POSITIVE}
-        said = set(r["findings"])
-        named, named_in_report = named + len(said), named_in_report + len(said & found)
-        positive, positive_named = positive + len(found), positive_named + len(found & said)
+    c = agreement_counts([r["findings"] for r in rows], [r["report"] for r in rows], labeler)
+    named, positive = c["turn1_named"], c["report_positive"]
     return {
         "n": len(rows),
         "turn1_named": named,
-        "turn1_in_report": named_in_report / named if named else None,
+        "turn1_in_report": c["turn1_in_report"] / named if named else None,
         "report_positive": positive,
-        "report_in_turn1": positive_named / positive if positive else None,
+        "report_in_turn1": c["report_in_turn1"] / positive if positive else None,
     }
 
 

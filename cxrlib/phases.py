@@ -41,7 +41,7 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
-from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS, REPORT_SOURCES
+from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
 from cxrlib.data.features import cached_features, encoder_features
@@ -233,8 +233,7 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     if section.get("report_corpus", "plain") == "findings_then_report":
         # each Findings section after its own turn-1 answer (the skill turn 2 needs); the
         # impressions stay plain text
-        impressions = [s["impression"].strip() for s in studies if s["split"] == "train"
-                       and s["source"] in REPORT_SOURCES and (s.get("impression") or "").strip()]  # fmt: skip
+        impressions = report_corpus(studies, "train", sections=("impression",))
         train_set = ConcatDataset([
             InstructionRows(findings_report_rows(studies, tokenizer, section["seq_len"],
                                                  section.get("abnormal_repeats", 1))),

@@ -48,7 +48,14 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrlib.config import load_config, save_config
-from cxrlib.constants import CHEXPERT_LABELS, FRONTAL_VIEWS, LATERAL_VIEW, NOTEBOOKS, POSITIVE
+from cxrlib.constants import (
+    CHEXPERT_LABELS,
+    FRONTAL_VIEWS,
+    LATERAL_VIEW,
+    NOTEBOOKS,
+    POSITIVE,
+    TASK_GROUPS,
+)
 from cxrlib.data.conversations import (
     ALL_TASKS,
     NOT_FOUND,
@@ -83,7 +90,7 @@ from cxrlib.utils import require_artifact
 
 MADE_BY = NOTEBOOKS["data"]
 # Report-generation tasks, whose pools ``abnormal_repeats`` class-balances.
-REPORT_TASKS = ("cot_single", "cot_multi_image", "cot_multi_study", "direct_report")
+REPORT_TASKS = (*TASK_GROUPS["report"], "direct_report")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view

@@ -44,7 +44,7 @@ from cxrlib.data.conversations import (
     organ_boxes,
     report_user_turns,
 )
-from cxrlib.data.tokenize import encode_conversation, user_text
+from cxrlib.data.tokenize import cut_into_rows, encode_conversation, user_text
 
 # Tasks whose answer is fully determined by the written description (every phase-2 task is).
 TEXT_TASKS = tuple(ALL_TASKS)
@@ -194,11 +194,7 @@ def packed_instruction_rows(
     encoded = [encode_conversation(conv, tokenizer, 1, max_length)["input_ids"]  # no <image>
                for conv in conversations]  # fmt: skip
     if packing == "cut":
-        ids = [t for row in encoded for t in row]
-        n = len(ids) // seq_len
-        if n == 0:
-            raise ValueError(f"{len(ids)} tokens of conversations do not fill one row of {seq_len}")
-        return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+        return cut_into_rows([t for row in encoded for t in row], seq_len, "conversations")
     fitting = [row for row in encoded if len(row) <= seq_len]
     if len(fitting) < len(encoded):
         warnings.warn(f"{len(encoded) - len(fitting)} of {len(encoded)} text conversations are "
@@ -225,8 +221,8 @@ def findings_report_rows(
     preceded by the findings it names: the skill turn 2 needs (write the report that the findings
     of turn 1 call for). Plain packed reports never show that link and whole CoT conversations
     show it once per ~200 tokens (docs/recipe-log.md E5). IU / MIMIC-CXR training studies only;
-    a study with a positive finding appears ``abnormal_repeats`` times (class balance: about 60%
-    of IU reports name none, and the link lives in the others).
+    a study with a positive finding appears ``abnormal_repeats`` times (class balance: 71% of the
+    IU training reports name none, and the link lives in the others).
     """
     turn2 = user_text(report_user_turns("single", 1, cot=True)[1], first=False)
     turn2_ids = list(tokenizer(turn2, add_special_tokens=False)["input_ids"])
@@ -241,12 +237,7 @@ def findings_report_rows(
         repeats = abnormal_repeats if answer_text != NOT_FOUND else 1
         ids += repeats * [tokenizer.bos_token_id, *answer, tokenizer.eos_token_id, *turn2_ids,
                           *report, tokenizer.eos_token_id]  # fmt: skip
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(
-            f"{len(ids)} tokens of findings and reports do not fill one row of {seq_len}"
-        )
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return cut_into_rows(ids, seq_len, "findings and reports")
 
 
 class InstructionRows(Dataset):

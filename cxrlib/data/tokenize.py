@@ -30,6 +30,15 @@ import torch
 from cxrlib.constants import IGNORE_INDEX, IMAGE_TOKEN, INST_CLOSE, INST_OPEN, SYSTEM_TEXT
 
 
+def cut_into_rows(ids: Sequence[int], seq_len: int, what: str = "text") -> torch.Tensor:
+    """``ids`` cut into ``(n, seq_len)`` rows (packing: no padding; the tail that does not fill a
+    row is dropped). ``what`` names the tokens in the error when not one row fills."""
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens of {what} do not fill one row of {seq_len}")
+    return torch.tensor(list(ids[: n * seq_len])).view(n, seq_len)
+
+
 class TokenizeError(ValueError):
     """A conversation that cannot be encoded (image count mismatch, images longer than max)."""
 
