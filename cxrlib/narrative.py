@@ -140,8 +140,13 @@ def backbones(m: dict, cfg: dict) -> list[str]:
             f"Given turn 1 in words, the LM's greedy turn 2 names {follows} of the "
             f"{t2['turn1_named']} findings that turn 1 listed ({_pct(follows / t2['turn1_named'])}; "
             f"{t2['distinct_reports']} distinct reports for {t2['studies']} validation studies), "
-            f"and the true turn 1 saves {t2['nll_gain']:.2f} nats per report against "
-            f'"Not found.": '
+            + (
+                f"and the true turn 1 saves {t2['nll_gain']:.2f} nats per report against "
+                '"Not found.": '
+                if t2["nll_gain"] >= 0
+                else f"and the real report is {-t2['nll_gain']:.2f} nats less likely after the "
+                'true turn 1 than after "Not found.": '
+            )
             + (
                 "turn 2 does not follow turn 1 yet."
                 if follows == 0
