@@ -2,6 +2,7 @@
 # PRESET=smoke|tiny|paper (default tiny) or PRESET=path/to/my.yaml (a preset of your own, README).
 # Executed notebooks and artifacts go to build/<preset>/ (build/<file name without .yaml> for a file).
 # OVERRIDES="key.path=value ..." changes the preset in every notebook (use a fresh BUILD=...).
+# FULL=1 runs notebook 08's complete ablation sweep.
 
 PRESET ?= tiny
 PYTHON ?= python3
@@ -11,6 +12,7 @@ KERNEL := m4cxr
 FIGURES ?= figures
 PYTEST_ARGS ?=
 OVERRIDES ?=
+FULL ?= 0
 
 # A built-in preset is a name; a user's preset is the path of a YAML file (it inherits a built-in
 # one, so a change to cxrlib/presets/ re-runs its notebooks too). PRESET_FILE is what make watches.
@@ -41,6 +43,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
 	@echo "  variables: PRESET=smoke|tiny|paper|my.yaml (default tiny), BUILD=$(BUILD), FIGURES=$(FIGURES)"
 	@echo "             OVERRIDES=\"lora.r=16 train.phase2.steps=50\" (preset changes; use a fresh BUILD)"
+	@echo "             FULL=1 (notebook 08: the complete ablation sweep instead of the make-all one)"
 
 install: $(STAMP) ## create .venv, install cxrlib with its dependencies and the Jupyter kernel
 
@@ -62,7 +65,7 @@ smoke: ## the same pipeline with the smoke preset, into build/smoke (figures too
 # One rule runs any notebook; the lines below it are the real hand-offs between stages, so an
 # unchanged stage is not re-run.
 $(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb $(PRESET_FILE) $(STAMP)
-	$(RUN_NOTEBOOK) $< $@
+	$(RUN_NOTEBOOK) $< $@ $(NOTEBOOK_PARAMS)
 
 DATA_LIB := $(wildcard cxrlib/data/*.py)
 MODEL_LIB := $(wildcard cxrlib/model/*.py) cxrlib/tokenizer.py
@@ -77,6 +80,12 @@ $(call nb,04-instruction-tuning-lora): $(call nb,03-projector-pretraining)
 $(call nb,05-cot-inference): $(call nb,04-instruction-tuning-lora) $(EVAL_LIB)
 $(call nb,06-evaluation): $(call nb,05-cot-inference)
 $(call nb,07-explorer): $(call nb,05-cot-inference)
+# Notebook 08 trains its arms (cached by configuration); FULL=1 runs the complete sweep (and
+# re-runs the notebook even when it is up to date).
+$(call nb,08-ablations): $(call nb,05-cot-inference) cxrlib/ablations.py $(TRAIN_LIB) $(EVAL_LIB) $(if $(filter 1,$(FULL)),FORCE)
+$(call nb,08-ablations): NOTEBOOK_PARAMS = --param FULL=$(FULL)
+.PHONY: FORCE
+FORCE:
 
 test: $(STAMP) ## run the whole test suite (unit tests and smoke runs of every notebook)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -292,6 +292,13 @@ class EvalSection(_Section):
     max_test_studies: PositiveInt | None
 
 
+class AblationSection(_Section):
+    """``ablation``: notebook 08's arms (short phase-2 runs from the shared phase 1)."""
+
+    steps: PositiveInt  # phase-2 steps of every arm (the same budget each)
+    questions_per_task: PositiveInt  # grounding / naming / VQA test questions per task
+
+
 class PresetSchema(_Section):
     """A resolved preset: every key every preset must have, with its type and allowed values."""
 
@@ -305,6 +312,7 @@ class PresetSchema(_Section):
     train: TrainSection
     inference: InferenceSection
     eval: EvalSection
+    ablation: AblationSection | None = None  # absent in configs saved before notebook 08
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +327,11 @@ def _deep_merge(base: dict, override: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def merge_overrides(base: dict, override: dict) -> dict:
+    """Nested overrides ``override`` applied on ``base`` (a copy; e.g. OVERRIDES plus an arm's)."""
+    return _deep_merge(base, override)
 
 
 def is_preset_file(name: str | Path) -> bool:

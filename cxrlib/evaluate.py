@@ -708,6 +708,148 @@ def vqa_metrics(records: Sequence[dict]) -> dict:
     return out
 
 
+# --- instruction following (notebook 08) --------------------------------------------------------
+
+CLOSED_NAMING = ("grounded_finding", "grounded_organ", "single_disease")  # answers from a list
+
+
+def answer_vocabulary(train_conversations: Sequence[dict]) -> dict[str, set[str]]:
+    """The normalised training answers of each VQA question type and each closed naming task:
+    what ``instruction_following`` accepts as an answer in the asked format."""
+    vocab: dict[str, set[str]] = {}
+    for conv in train_conversations:
+        if conv["task"] in VQA_TASKS:
+            key = conv["meta"].get("question_type", conv["task"])
+        elif conv["task"] in CLOSED_NAMING:
+            key = conv["task"]
+        else:
+            continue
+        vocab.setdefault(key, set()).add(metrics.normalize_answer(conv["turns"][0]["assistant"]))
+    return vocab
+
+
+def _format_checks(record: dict, vocabulary: dict[str, set[str]]) -> list[tuple[str, bool]]:
+    """(what was asked, answered in its format) for one report or conversation record."""
+    if "report" in record:  # a report record of generate_reports
+        checks = [("report", metrics.degenerate_kind(record["report"]) is None)]
+        if record.get("cot"):
+            checks.insert(0, ("CoT turn 1", record.get("findings") is not None))
+        return checks
+    task = record["task"]
+    answer = (record.get("predictions") or [None])[0]
+    if task in BOX_TASKS:
+        boxes = parse_grounding(answer)
+        ok = boxes is not None and (bool(boxes) or task == "finding_grounding")
+    elif task == "multi_finding_grounding":
+        ok = parse_multi_finding(answer) is not None
+    elif task == "grounded_phrase":
+        ok = metrics.degenerate_kind(answer) is None
+    else:
+        key = record["meta"].get("question_type", task) if task in VQA_TASKS else task
+        ok = metrics.normalize_answer(answer) in vocabulary.get(key, set())
+    return [(task, ok)]
+
+
+def instruction_following(records: Sequence[dict], vocabulary: dict[str, set[str]]) -> dict:
+    """The share of answers given in the format the question asked for.
+
+    A report must be report text (``metrics.degenerate_kind``), a CoT turn 1 a list the strict
+    parser reads, a box answer a box (or "Not present." where the question allows it), a
+    multi-finding answer readable, a VQA or closed naming answer one of the answers the training
+    set gives to that question type (``answer_vocabulary``), a phrase words rather than boxes.
+
+    Returns:
+        ``{"share", "n", "by_task": {asked: share}, "items": [1 / 0 per answer]}``.
+    """
+    pairs = [c for r in records for c in _format_checks(r, vocabulary)]
+    if not pairs:
+        raise ValueError("no records to check for instruction following")
+    by_task: dict[str, list[bool]] = {}
+    for task, ok in pairs:
+        by_task.setdefault(task, []).append(ok)
+    items = [int(ok) for _, ok in pairs]
+    return {
+        "share": float(np.mean(items)),
+        "n": len(items),
+        "by_task": {t: float(np.mean(v)) for t, v in by_task.items()},
+        "items": items,
+    }
+
+
+def exact_match(record: dict) -> int:
+    """1 when a conversation record's first answer equals its reference (normalised), else 0."""
+    answer = (record.get("predictions") or [""])[0]
+    return int(
+        metrics.normalize_answer(answer) == metrics.normalize_answer(record["references"][0])
+    )
+
+
+# --- lateral vs frontal (notebook 08, open question 2) ---------------------------------------------
+
+
+def view_f1_by_finding(
+    single: Sequence[dict],
+    multi_image: Sequence[dict],
+    labeler=None,
+    samples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per-finding report F1 from a frontal image, from a lateral image and from both, over the
+    studies that have both views, with 95% intervals and the frontal - lateral difference.
+
+    Args:
+        single: single-image report records (every view, ``generate_reports(mode="single")``).
+        multi_image: multi-image records of the same studies (the "both" column).
+        labeler: labels reference and generated reports alike.
+        samples: bootstrap resamples; studies are resampled, so the difference is paired.
+
+    Returns:
+        One row per CheXpert label (and ``macro``): ``frontal``, ``lateral``, ``both``,
+        ``frontal - lateral`` with ``... low`` / ``... high`` interval columns, ``positives``
+        (studies whose reference names the finding), ``n`` (studies).
+    """
+    frontal = {r["study_id"]: r for r in single if r["views"][0] in FRONTAL_VIEWS}
+    lateral = {r["study_id"]: r for r in single if r["views"][0] not in FRONTAL_VIEWS}
+    both = {r["study_id"]: r for r in multi_image}
+    studies = sorted(set(frontal) & set(lateral) & set(both))
+    if not studies:
+        raise ValueError(
+            "no study has a frontal and a lateral single-image record and a multi-image one"
+        )
+    ref = metrics.binarize(label_texts([frontal[s]["reference"] or "" for s in studies], labeler))
+    hyp = {
+        name: metrics.binarize(label_texts([recs[s]["report"] or "" for s in studies], labeler))
+        for name, recs in (("frontal", frontal), ("lateral", lateral), ("both", both))
+    }
+
+    def per_label(idx: np.ndarray) -> dict[str, float]:
+        out = {}
+        for name, pred in hyp.items():
+            f1 = metrics.f1_from_counts(*metrics.label_counts(ref[idx], pred[idx]))
+            out.update({f"{name}|{lab}": float(v) for lab, v in zip(CHEXPERT_LABELS, f1)})
+            out[f"{name}|macro"] = float(f1.mean())
+        for lab in [*CHEXPERT_LABELS, "macro"]:
+            out[f"frontal - lateral|{lab}"] = out[f"frontal|{lab}"] - out[f"lateral|{lab}"]
+        return out
+
+    point = per_label(np.arange(len(studies)))
+    ci = metrics.bootstrap_ci(per_label, len(studies), samples, seed) if samples else {}
+    rows = {}
+    for lab in [*CHEXPERT_LABELS, "macro"]:
+        row = {}
+        for name in ("frontal", "lateral", "both", "frontal - lateral"):
+            key = f"{name}|{lab}"
+            row[name] = point[key]
+            if key in ci:
+                row[f"{name} low"], row[f"{name} high"] = ci[key]
+        if lab != "macro":
+            row["positives"] = int(ref[:, CHEXPERT_LABELS.index(lab)].sum())
+        rows[lab] = row
+    frame = pd.DataFrame(rows).T
+    frame["n"] = len(studies)
+    return frame
+
+
 # --- baselines ----------------------------------------------------------------------------------
 
 

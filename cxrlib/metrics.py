@@ -85,7 +85,10 @@ def f1_from_counts(tp, fp, fn) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
 
 
-def _counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def label_counts(
+    y_true: np.ndarray, y_pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label true positives, false positives and false negatives of binary label arrays."""
     tp = (y_true & y_pred).sum(axis=0)
     fp = (~y_true & y_pred).sum(axis=0)
     fn = (y_true & ~y_pred).sum(axis=0)
@@ -93,7 +96,7 @@ def _counts(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _clinical_from_binary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    tp, fp, fn = _counts(y_true, y_pred)
+    tp, fp, fn = label_counts(y_true, y_pred)
     five = [CHEXPERT_LABELS.index(name) for name in FIVE_LABELS]
     per_label = f1_from_counts(tp, fp, fn)
     return {
@@ -130,7 +133,7 @@ def clinical_f1(reference, generated, uncertain_as_positive: bool = False) -> di
     reference, generated = _check_pair(reference, generated)
     y_true = binarize(reference, uncertain_as_positive)
     y_pred = binarize(generated, uncertain_as_positive)
-    tp, fp, fn = _counts(y_true, y_pred)
+    tp, fp, fn = label_counts(y_true, y_pred)
     out: dict = _clinical_from_binary(y_true, y_pred)
     out["per_label"] = dict(zip(CHEXPERT_LABELS, f1_from_counts(tp, fp, fn).tolist()))
     out["support"] = dict(zip(CHEXPERT_LABELS, y_true.sum(axis=0).astype(int).tolist()))

@@ -378,6 +378,98 @@ def explorer(m: dict, cfg: dict) -> list[str]:
     return lines
 
 
+def _interval(value: float | None, ci, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _versus(c: dict) -> str:
+    """``"below the recipe (intervals apart)"`` from ``ablations.compare_to_recipe``."""
+    if c["arm"] is None or c["recipe"] is None:
+        return "not measured"
+    side = compare(c["arm"], c["recipe"])
+    if c["overlap"] is None:
+        return f"{side} the recipe (no intervals)"
+    if c["overlap"]:
+        return f"{side} the recipe, intervals overlap: not separated"
+    return f"{side} the recipe, intervals apart"
+
+
+def ablation_study(m: dict, cfg: dict) -> list[str]:
+    from cxrlib import ablations
+
+    cards = m["arms"]
+    recipe = cards[ablations.RECIPE]
+    r_value, r_ci = ablations.measure(recipe, "mF1-14")
+    lines = [
+        f"Every arm trained {m['steps']} phase-2 steps (seed {m['seed']}) from the shared phase 1 "
+        f"and was scored on {m['test_studies']} test studies and {m['test_questions']} questions. "
+        f"The recipe arm's frontal CoT report: mF1-14 {_interval(r_value, r_ci)}"
+        + (
+            f" (the main model, {m['main_model_steps']} steps, notebook 06: "
+            f"{100 * m['main_model_mF1_14']:.1f})."
+            if m.get("main_model_mF1_14") is not None
+            else "."
+        )
+    ]
+    measures = {
+        "cot": ["mF1-14"],
+        "task_groups": ["mF1-14", "grounding mIoU", "VQA %", "follows format %"],
+        "sampling": ["mF1-14", "grounding mIoU", "VQA %", "follows format %"],
+        "vqa_share": ["mF1-14", "VQA %", "follows format %"],
+        "projector": ["mF1-14"],
+    }
+    for question, names in measures.items():
+        arms = [n for n, c in cards.items() if c["question"] == question]
+        if not arms:
+            continue
+        parts = []
+        for arm in arms:
+            said = []
+            for name in names:
+                c = ablations.compare_to_recipe(cards, arm, name)
+                digits = 3 if name == "grounding mIoU" else 1
+                said.append(f"{name} {_interval(c['arm'], c['arm_ci'], digits)}, {_versus(c)}")
+            parts.append(f"*{arm}*: " + "; ".join(said))
+        lines.append(f"**{ablations.QUESTIONS[question]}.** " + " | ".join(parts) + ".")
+        if question == "cot":
+            comps = [ablations.compare_to_recipe(cards, a, "mF1-14") for a in arms]
+            if all(c["overlap"] is False and c["arm"] < c["recipe"] for c in comps):
+                verdict = "agrees with the paper's claim: the recipe's interval lies above every no-CoT arm's"
+            elif any(c["overlap"] is False and c["arm"] > c["recipe"] for c in comps):
+                verdict = "goes against the paper's claim: a no-CoT arm lies above the recipe"
+            else:
+                verdict = ("cannot test the paper's claim: the intervals overlap, so the toy run does "
+                           "not separate CoT from the direct prompt")  # fmt: skip
+            lines.append(f"Chain of thought at this scale {verdict}.")
+    views = m.get("lateral_vs_frontal")
+    if views:
+        macro = views["macro"]
+        diffs = {k: v for k, v in views.items() if k != "macro" and v.get("positives")}
+        worst = max(diffs, key=lambda k: diffs[k]["frontal - lateral"]) if diffs else None
+        line = (
+            f"**Lateral vs frontal (open question 2, the main model).** Over {int(macro['n'])} studies "
+            f"with both views, macro F1 from the frontal image {_f(macro['frontal'])}, the lateral "
+            f"{_f(macro['lateral'])}, both {_f(macro['both'])}; frontal - lateral "
+            f"{_interval(macro['frontal - lateral'], _ci(macro, 'frontal - lateral'), 3)}."
+        )
+        if worst is not None:
+            w = diffs[worst]
+            line += (
+                f" The finding that loses most on the lateral view: {worst} "
+                f"({_interval(w['frontal - lateral'], _ci(w, 'frontal - lateral'), 3)}, "
+                f"{int(w['positives'])} positive studies)."
+            )
+        lines.append(line)
+    return lines
+
+
+def _ci(row: dict, name: str):
+    low, high = row.get(f"{name} low"), row.get(f"{name} high")
+    return None if low is None or high is None else [low, high]
+
+
 WRITERS: dict[str, Callable[[dict, dict], list[str]]] = {
     "00-overview": overview,
     "01-data-prep": data_prep,
@@ -387,6 +479,7 @@ WRITERS: dict[str, Callable[[dict, dict], list[str]]] = {
     "05-cot-inference": cot_inference,
     "06-evaluation": evaluation,
     "07-explorer": explorer,
+    "08-ablations": ablation_study,
 }
 
 

@@ -24,6 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 
@@ -105,8 +106,12 @@ def run(
     seed: int = 0,
     device: str = "auto",
     overrides: str = "",
+    extra: dict | None = None,
 ) -> float:
-    """Execute ``source`` into ``target`` with the given parameters; return seconds taken."""
+    """Execute ``source`` into ``target`` with the given parameters; return seconds taken.
+
+    ``extra``: more parameters of this notebook's ``parameters`` cell (e.g. ``{"FULL": 1}``).
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -142,6 +147,7 @@ def run(
                 "OUTPUT_DIR": output_dir,
                 "FIGURE_DIR": figure_dir,
                 "OVERRIDES": overrides,
+                **(extra or {}),
             },
             kernel_name=KERNEL,
             kernel_manager_class=IpcKernelManager,
@@ -179,7 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overrides", default="", help='preset changes, e.g. "lora.r=16 train.phase2.steps=50"'
     )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another parameter of the notebook, e.g. FULL=1 (notebook 08; repeatable)",
+    )
     args = parser.parse_args(argv)
+    extra = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            parser.error(f"--param takes NAME=VALUE, got {item!r}")
+        extra[name] = yaml.safe_load(value)
     output_dir = str(Path(args.output_dir).resolve()) if args.output_dir else ""
     figure_dir = str(Path(args.figure_dir).resolve()) if args.figure_dir else ""
     seconds = run(
@@ -191,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         args.device,
         args.overrides,
+        extra,
     )
     print(f"{args.source.name}: {seconds:.0f} s ({args.preset})")
     record_timing(args.target.parent / "timings.json", args.source.stem, seconds)

@@ -273,7 +273,8 @@ def test_no_prior_means_no_multi_study_or_difference():
     study = example_study(with_prior=False)
     assert build_conversation("cot_multi_study", study, 0) is None
     assert build_conversation("difference_vqa", study, 0) is None
-    assert set(supported_tasks(study)) == set(ALL_TASKS) - {"cot_multi_study", "difference_vqa"}
+    no_prior = {"cot_multi_study", "direct_multi_study", "difference_vqa"}
+    assert set(supported_tasks(study)) == set(ALL_TASKS) - no_prior
 
 
 def test_no_frontal_means_no_grounding():

@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cxrlib import run_notebook
+from cxrlib import ablations, run_notebook
 from cxrlib.config import load_preset
 from cxrlib.constants import CHEXPERT_LABELS
 from cxrlib.data.mixture import GROUP_SHARES
@@ -170,6 +170,19 @@ CHECKS = {
         <= m["reports"]["CoT, single image, frontal"]["n"]
     ),
     "07-explorer": lambda m: m["studies"] > 0 and 0 <= m["exact_label_agreement"] <= 1,
+    "08-ablations": lambda m: (
+        m["steps"] == load_preset("smoke")["ablation"]["steps"]
+        and {c["question"] for c in m["arms"].values()} == set(ablations.QUESTIONS)
+        and not m["arms"]["no CoT"]["cot"]
+        and all(
+            0 <= c["reports"]["single"]["mF1-14"] <= 1
+            and 0 <= c["instruction_following"]["mean"] <= 1
+            and c["reports"]["single"]["n"] > 0
+            for c in m["arms"].values()
+        )
+        and set(m["arms"][ablations.RECIPE]["reports"]) == {"single", "multi_image", "multi_study"}
+        and m["lateral_vs_frontal"]["macro"]["n"] > 0
+    ),
 }
 
 
@@ -207,6 +220,21 @@ def test_runs_under_smoke_and_stores_metrics(name, smoke_runs):
         if "text/markdown" in o.get("data", {})
     ]
     assert summary and "What this run shows" in summary[0], f"{name}: summary cell has no output"
+
+
+@pytest.mark.slow
+def test_ablation_arms_are_cached_by_configuration(smoke_runs):
+    """A second run of notebook 08 trains nothing: every arm's folder already holds its phase 2."""
+    smoke_runs.upto("08-ablations")
+    cfg = load_preset("smoke")
+    arm = next(a for a in ablations.sweep(cfg=cfg) if a.name == "no CoT")
+    arm_cfg = ablations.arm_config("smoke", {}, arm, cfg["ablation"]["steps"], 0)
+    folder = ablations.arm_dir(arm_cfg, arm, smoke_runs.root)
+    summary = folder / "phase2" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    assert ablations.train_arm(arm_cfg, arm, smoke_runs.root, device="cpu") == folder
+    assert summary.stat().st_mtime_ns == before
+    assert len(list(folder.glob("score-*.json"))) == 1  # scored once, for the notebook's settings
 
 
 def test_kernel_stderr_is_collected_per_run(capfd):

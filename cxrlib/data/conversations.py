@@ -440,6 +440,14 @@ def build_direct_report(study, rng):
     return _report(study, rng, "direct_report", "single", cot=False)
 
 
+def build_direct_multi_image(study, rng):
+    return _report(study, rng, "direct_multi_image", "multi_image", cot=False)
+
+
+def build_direct_multi_study(study, rng):
+    return _report(study, rng, "direct_multi_study", "multi_study", cot=False)
+
+
 def build_report_only(study, rng):
     """Phase 1: input ``<image>``, target the Findings section, no instruction."""
     report = (study.get("findings_text") or "").strip()
@@ -829,6 +837,8 @@ BUILDERS: dict[str, Callable[[dict, np.random.Generator], dict | None]] = {
     "difference_vqa": build_difference_vqa,
     "report_only": build_report_only,
     "direct_report": build_direct_report,
+    "direct_multi_image": build_direct_multi_image,
+    "direct_multi_study": build_direct_multi_study,
 }
 assert set(BUILDERS) == set(ALL_TASKS), "every task of constants.TASK_GROUPS needs a builder"
 

@@ -90,7 +90,7 @@ from cxrlib.utils import require_artifact
 
 MADE_BY = NOTEBOOKS["data"]
 # Report-generation tasks, whose pools ``abnormal_repeats`` class-balances.
-REPORT_TASKS = (*TASK_GROUPS["report"], "direct_report")
+REPORT_TASKS = (*TASK_GROUPS["report"], "direct_report", "direct_multi_image", "direct_multi_study")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
@@ -521,7 +521,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.images, self.tokenizer, self.cfg, self.seed = images, tokenizer, cfg, seed
         self.num_image_tokens = cfg["projector"]["num_queries"]
         self.max_length = cfg["llm"]["max_length"]
-        candidates = list(tasks) if tasks is not None else list(MIXTURE_TASKS)
+        named = cfg["data"]["mixture"] if isinstance(cfg["data"]["mixture"], dict) else {}
+        # a dict mixture may name tasks outside the mixture (notebook 08's direct report prompts)
+        candidates = (
+            list(tasks)
+            if tasks is not None
+            else list(MIXTURE_TASKS) + [t for t in named if t not in MIXTURE_TASKS]
+        )
         check_tasks(candidates)
         check_max_images(self.studies)  # warns: the card uses at most 5 images per study
         self.pools = {t: [] for t in candidates}

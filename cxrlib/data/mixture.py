@@ -40,6 +40,7 @@ GROUP_SHARES = {"report": 54.0, "classification": 9.0, "localization": 26.0, "vq
 REPORT_WEIGHTS = {"cot_single": 200, "cot_multi_image": 120, "cot_multi_study": 60}
 VQA_WEIGHTS = {"vqa": 8.0, "difference_vqa": 3.0}
 MIXTURES = ("paper", "uniform", "equal_groups", "proportional")
+DIRECT_REPORT_TASKS = ("direct_report", "direct_multi_image", "direct_multi_study")
 
 
 class MixtureError(ValueError):
@@ -125,8 +126,10 @@ def mixture_weights(
 
 
 def group_shares(weights: Mapping[str, float]) -> dict[str, float]:
-    """Sum task probabilities per group (``report``, ``classification``, ...; others: ``extra``)."""
+    """Sum task probabilities per group (``report``, ``classification``, ...; the direct report
+    prompts count as ``report``; others: ``extra``)."""
     group_of = {t: g for g, tasks in TASK_GROUPS.items() for t in tasks}
+    group_of.update({t: "report" for t in DIRECT_REPORT_TASKS})  # notebook 08's no-CoT arms
     out: dict[str, float] = {}
     for task, w in weights.items():
         g = group_of.get(task.split("@", 1)[0], "extra")  # "task@source" on real data

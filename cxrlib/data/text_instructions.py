@@ -30,10 +30,16 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from cxrlib.constants import FRONTAL_VIEWS, IMAGE_TOKEN, POSITIVE, REPORT_SOURCES, UNCERTAIN
+from cxrlib.constants import (
+    FRONTAL_VIEWS,
+    IMAGE_TOKEN,
+    MIXTURE_TASKS,
+    POSITIVE,
+    REPORT_SOURCES,
+    UNCERTAIN,
+)
 from cxrlib.data.boxes import format_box
 from cxrlib.data.conversations import (
-    ALL_TASKS,
     LABEL_OF,
     NOT_FOUND,
     build_conversation,
@@ -47,7 +53,9 @@ from cxrlib.data.conversations import (
 from cxrlib.data.tokenize import cut_into_rows, encode_conversation, user_text
 
 # Tasks whose answer is fully determined by the written description (every phase-2 task is).
-TEXT_TASKS = tuple(ALL_TASKS)
+# Tasks are drawn uniformly, so the list is fixed: the multi-image and multi-study direct prompts
+# added for notebook 08's no-CoT arms would otherwise change the `tiny` corpus and every model.
+TEXT_TASKS = (*MIXTURE_TASKS, "report_only", "direct_report")
 
 
 class TextInstructionError(ValueError):
