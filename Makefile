@@ -65,7 +65,7 @@ smoke: ## the same pipeline with the smoke preset, into build/smoke (figures too
 # One rule runs any notebook; the lines below it are the real hand-offs between stages, so an
 # unchanged stage is not re-run.
 $(BUILD)/notebooks/%.ipynb: notebooks/%.ipynb $(PRESET_FILE) $(STAMP)
-	$(RUN_NOTEBOOK) $< $@ $(NOTEBOOK_PARAMS)
+	$(RUN_NOTEBOOK)$(if $(NOTEBOOK_PARAMS), $(NOTEBOOK_PARAMS)) $< $@
 
 DATA_LIB := $(wildcard cxrlib/data/*.py)
 MODEL_LIB := $(wildcard cxrlib/model/*.py) cxrlib/tokenizer.py
