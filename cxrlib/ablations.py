@@ -273,7 +273,7 @@ def arm_config(
     tasks_with_data: Sequence[str] | None = None,
 ) -> dict:
     """The resolved preset of an arm: the notebook's preset and overrides, the arm's change, and
-    ``steps`` phase-2 steps (warm-up scaled with them).
+    ``steps`` phase-2 steps (warm-up scaled with them, one validation conversation per task).
 
     ``tasks_with_data``: the tasks the training split can make (``datasets.task_sizes``); an arm's
     task weights for other tasks are dropped (e.g. finding grounding on MIMIC-CXR alone) with a
@@ -282,9 +282,10 @@ def arm_config(
     base = load_preset(preset, overrides=overrides)
     phase2 = base["train"]["phase2"]
     warmup = round(phase2["warmup_steps"] * steps / phase2["steps"])
-    change = merge_overrides(
-        arm.changes, {"train": {"phase2": {"steps": steps, "warmup_steps": warmup}}}
-    )
+    # one validation conversation per task: the arms are compared on the test split, and the
+    # validation passes before and after training would otherwise cost as much as 50 steps
+    budget = {"steps": steps, "warmup_steps": warmup, "val_per_task": 1}
+    change = merge_overrides(arm.changes, {"train": {"phase2": budget}})
     merged = merge_overrides(overrides, change)
     mixture = arm.changes.get("data", {}).get("mixture")
     if mixture is not None:  # replace, never merge with a mixture dict of OVERRIDES
