@@ -531,10 +531,14 @@ def _get(card: dict, path: Sequence[str]):
     return card
 
 
-def measure(card: dict, name: str) -> tuple[float | None, list[float] | None]:
-    """One measure of a score card (scaled as in the table) and its 95% interval."""
+def measure(card: dict, name: str, mode: str = "single") -> tuple[float | None, list[float] | None]:
+    """One measure of a score card (scaled as in the table) and its 95% interval; ``mode`` picks
+    the input mode of a report measure (``single``, ``multi_image``, ``multi_study``)."""
     path, scale = MEASURES[name]
-    value, ci = _get(card, path), _get(card, CI_OF[name])
+    ci_path = CI_OF[name]
+    if path[0] == "reports":
+        path, ci_path = ("reports", mode, *path[2:]), ("reports", mode, *ci_path[2:])
+    value, ci = _get(card, path), _get(card, ci_path)
     return (
         None if value is None else scale * value,
         None if ci is None else [scale * ci[0], scale * ci[1]],
@@ -570,10 +574,13 @@ def results_table(cards: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def compare_to_recipe(cards: dict[str, dict], name: str, measure_name: str) -> dict:
+def compare_to_recipe(
+    cards: dict[str, dict], name: str, measure_name: str, mode: str = "single"
+) -> dict:
     """An arm against the recipe on one measure: both values, intervals, and whether the
     intervals overlap (then the toy run cannot tell the two apart)."""
-    arm, ref = measure(cards[name], measure_name), measure(cards[RECIPE], measure_name)
+    arm = measure(cards[name], measure_name, mode)
+    ref = measure(cards[RECIPE], measure_name, mode)
     return {
         "arm": arm[0], "arm_ci": arm[1], "recipe": ref[0], "recipe_ci": ref[1],
         "overlap": overlaps(arm[1], ref[1]),
