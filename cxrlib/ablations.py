@@ -143,7 +143,7 @@ DEFAULT_SWEEP = {  # sized for `make all` under tiny (notebook 08's FULL=False)
     "task_groups": ["no VQA"],
     "sampling": ["uniform"],
     "vqa_share": [0, 40],
-    "tokens": None,  # a quarter of the recipe's tokens per image (tiny 16 -> 4; smoke 4 -> 1)
+    "tokens": None,  # the preset's ablation.projector_tokens (tiny: none, each needs a phase 1)
     "depths": [],
 }
 FULL_SWEEP = {
@@ -219,7 +219,7 @@ def sweep(
         changes = {"data": {"mixture": mixture_with_vqa_share(share)}}
         arms.append(Arm(f"VQA {share:g}%", "vqa_share", changes, value=float(share)))
     if plan["tokens"] is None:
-        plan["tokens"] = [max(1, recipe.get("num_queries", 4) // 4)]
+        plan["tokens"] = list(((cfg or {}).get("ablation") or {}).get("projector_tokens", []))
     for n in plan["tokens"]:
         if int(np.sqrt(n)) ** 2 != n:
             raise ValueError(f"tokens per image must be a square number (2x2, 4x4, ...), got {n}")

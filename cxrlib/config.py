@@ -297,6 +297,7 @@ class AblationSection(_Section):
 
     steps: PositiveInt  # phase-2 steps of every arm (the same budget each)
     questions_per_task: PositiveInt  # grounding / naming / VQA test questions per task
+    projector_tokens: list[PositiveInt] = []  # the default sweep's projector arms (own phase 1)
 
 
 class PresetSchema(_Section):

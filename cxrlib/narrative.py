@@ -405,7 +405,8 @@ def ablation_study(m: dict, cfg: dict) -> list[str]:
     lines = [
         f"Every arm trained {m['steps']} phase-2 steps (seed {m['seed']}) from the shared phase 1 "
         f"and was scored on {m['test_studies']} test studies and {m['test_questions']} questions. "
-        f"The recipe arm's frontal CoT report: mF1-14 {_interval(r_value, r_ci)}"
+        f"The recipe arm's frontal CoT report: mF1-14 {_interval(r_value, r_ci)}, "
+        f"{recipe['reports']['single']['distinct']} distinct report(s)"
         + (
             f" (the main model, {m['main_model_steps']} steps, notebook 06: "
             f"{100 * m['main_model_mF1_14']:.1f})."

@@ -59,8 +59,9 @@ def test_sweep_default_full_and_student_changes():
     tiny = load_preset("tiny")
     default = ablations.sweep(cfg=tiny)
     assert default[0].name == ablations.RECIPE
-    assert {a.question for a in default[1:]} == set(ablations.QUESTIONS) - {"recipe"}
-    assert [a.name for a in default if a.question == "projector"] == ["4 tokens"]  # 16 // 4
+    assert {a.question for a in default[1:]} == set(ablations.QUESTIONS) - {"recipe", "projector"}
+    smoke_default = ablations.sweep(cfg=load_preset("smoke"))
+    assert [a.name for a in smoke_default if a.question == "projector"] == ["1 tokens"]
     full = ablations.sweep(full=True, cfg=tiny)
     assert len(full) > len(default) and len({a.name for a in full}) == len(full)
     names = {a.name for a in full}
