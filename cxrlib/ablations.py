@@ -545,6 +545,14 @@ def measure(card: dict, name: str, mode: str = "single") -> tuple[float | None, 
     )
 
 
+def error_bars(values: Sequence[float], cis: Sequence[Sequence[float] | None]) -> np.ndarray:
+    """Matplotlib ``yerr`` (2 x n) from values and their intervals; a percentile-bootstrap interval
+    can lie wholly on one side of its point estimate (small, skewed samples), so bars are clipped
+    at 0 rather than drawn negative."""
+    err = [[v - ci[0], ci[1] - v] if ci and v == v else [0.0, 0.0] for v, ci in zip(values, cis)]
+    return np.clip(np.array(err, dtype=float).reshape(-1, 2).T, 0, None)
+
+
 def results_table(cards: dict[str, dict]) -> list[dict]:
     """One row per arm: question, arm, each measure as ``value [low, high]``, turn-1 F1, the
     share of outputs that are not reports, distinct reports, tokens per image, training seconds."""

@@ -267,3 +267,11 @@ def test_mean_ci_is_a_bootstrap_of_the_mean():
     assert got["mean"] == 0.75 and got["ci"][0] <= 0.75 <= got["ci"][1] and got["n"] == 4
     assert ablations._mean_ci([], 10, 0) == {"mean": None, "ci": None, "n": 0}
     assert np.isclose(ablations._mean_ci([2.0] * 5, 20, 0)["ci"], [2.0, 2.0]).all()
+
+
+def test_error_bars_never_negative():
+    err = ablations.error_bars([0.5, 0.2, np.nan], [[0.6, 0.9], [0.1, 0.3], None])
+    assert err.shape == (2, 3) and (err >= 0).all()
+    assert err[:, 0].tolist() == [0.0, pytest.approx(0.4)] and err[:, 1] == pytest.approx(
+        [0.1, 0.1]
+    )
