@@ -33,15 +33,9 @@ import numpy as np
 
 from cxrlib import engine, evaluate, metrics
 from cxrlib.config import load_preset, merge_overrides, num_patches
-from cxrlib.constants import FRONTAL_VIEWS, TASK_GROUPS
+from cxrlib.constants import DIRECT_REPORT_TASKS, FRONTAL_VIEWS, TASK_GROUPS
 from cxrlib.data.conversations import build_conversation
-from cxrlib.data.mixture import (
-    DIRECT_REPORT_TASKS,
-    GROUP_SHARES,
-    group_shares,
-    mixture_weights,
-    paper_weights,
-)
+from cxrlib.data.mixture import GROUP_SHARES, group_shares, mixture_weights, paper_weights
 from cxrlib.inference import LocalBackend, generate_reports, run_conversations
 from cxrlib.phases import ARTIFACT_FILES, stage_dir, stage_identity
 from cxrlib.train import run_stage

@@ -98,7 +98,8 @@ TASK_GROUPS = {
 }
 # Tasks outside the phase-2 mixture: phase-1 pairs and the no-CoT ablation (notebook 08): the
 # direct single-turn report prompt in the three input modes of the CoT report tasks.
-EXTRA_TASKS = ["report_only", "direct_report", "direct_multi_image", "direct_multi_study"]
+DIRECT_REPORT_TASKS = ("direct_report", "direct_multi_image", "direct_multi_study")
+EXTRA_TASKS = ["report_only", *DIRECT_REPORT_TASKS]
 # Every task, and the tasks of the phase-2 mixture (all groups; not phase 1 or the ablation).
 MIXTURE_TASKS = [t for group in TASK_GROUPS.values() for t in group]
 ALL_TASKS = MIXTURE_TASKS + list(EXTRA_TASKS)

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from cxrlib.config import load_config, save_config
 from cxrlib.constants import (
     CHEXPERT_LABELS,
+    DIRECT_REPORT_TASKS,
     FRONTAL_VIEWS,
     LATERAL_VIEW,
     NOTEBOOKS,
@@ -90,7 +91,7 @@ from cxrlib.utils import require_artifact
 
 MADE_BY = NOTEBOOKS["data"]
 # Report-generation tasks, whose pools ``abnormal_repeats`` class-balances.
-REPORT_TASKS = (*TASK_GROUPS["report"], "direct_report", "direct_multi_image", "direct_multi_study")
+REPORT_TASKS = (*TASK_GROUPS["report"], *DIRECT_REPORT_TASKS)
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view

@@ -33,14 +33,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from cxrlib.constants import MIXTURE_TASKS, TASK_GROUPS
+from cxrlib.constants import DIRECT_REPORT_TASKS, MIXTURE_TASKS, TASK_GROUPS
 
 # The card's group shares (percent) and the within-report weights.
 GROUP_SHARES = {"report": 54.0, "classification": 9.0, "localization": 26.0, "vqa": 11.0}
 REPORT_WEIGHTS = {"cot_single": 200, "cot_multi_image": 120, "cot_multi_study": 60}
 VQA_WEIGHTS = {"vqa": 8.0, "difference_vqa": 3.0}
 MIXTURES = ("paper", "uniform", "equal_groups", "proportional")
-DIRECT_REPORT_TASKS = ("direct_report", "direct_multi_image", "direct_multi_study")
 
 
 class MixtureError(ValueError):
