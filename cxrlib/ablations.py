@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ QUESTIONS = {
 }
 RECIPE = "recipe"  # the preset's own mixture and projector: every question's reference arm
 SHARED = ("data", "tokenizer", "backbones")  # what every arm reads from the main run
-REPORT_MODES = ("single", "multi_image", "multi_study")
 
 
 @dataclass(frozen=True)
@@ -63,10 +61,6 @@ class Arm:
     cot: bool = True  # its reports are asked with the CoT prompt (False: the direct prompt)
     own_phase1: bool = False  # the change reaches phase 1 (the projector): train phase 1 too
     value: float | None = None  # the swept number (VQA share %, tokens per image), for plots
-
-    @property
-    def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", f"{self.question} {self.name}".lower()).strip("-")
 
 
 # --- the mixtures of the arms -------------------------------------------------------------------
