@@ -51,6 +51,10 @@ from cxrlib.utils import require_artifact
 
 MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
 LABEL_WEIGHT = 0.5  # weight of the multi-label head next to the masked-patch loss
+# Masked-patch targets: "patch" normalises each patch to zero mean and unit variance (MAE's
+# default: texture and edges only), "image" keeps each patch's brightness (the image-normalised
+# pixels), which is what an opacity or an effusion changes.
+TARGET_NORM = "patch"
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -314,25 +318,36 @@ class MaskedPatchPretrainer(nn.Module):
     """DINOv2 encoder + two small heads for pre-training; only the encoder is kept afterwards.
 
     Objective per image: hide ``mask_ratio`` of the patches behind DINOv2's mask token and regress
-    their (per-patch normalised) pixels from the last block's output (SimMIM / MAE style), plus
+    their pixels (normalised per ``target_norm``) from the last block's output (SimMIM / MAE), plus
     ``label_weight`` x a multi-label BCE of the 13 findings from the mean patch feature.
     Features are read before the final LayerNorm, where the C-Abstractor reads them.
     """
 
-    def __init__(self, encoder: nn.Module, mask_ratio=MASK_RATIO, label_weight=LABEL_WEIGHT):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        mask_ratio=MASK_RATIO,
+        label_weight=LABEL_WEIGHT,
+        target_norm=TARGET_NORM,
+    ):
         super().__init__()
+        if target_norm not in ("patch", "image"):
+            raise ValueError(f"target_norm must be 'patch' or 'image', not {target_norm!r}")
         self.encoder = encoder
         width, patch = encoder.config.hidden_size, encoder.config.patch_size
         self.patch = patch
         self.pixel_head = nn.Linear(width, patch * patch)
         self.label_head = nn.Linear(width, len(COT_FINDINGS))
-        self.mask_ratio, self.label_weight = mask_ratio, label_weight
+        self.mask_ratio, self.label_weight, self.target_norm = mask_ratio, label_weight, target_norm
 
     def patch_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, P, patch^2) grey patches (channel 0), each normalised to zero mean, unit variance."""
+        """(B, P, patch^2) grey patches (channel 0), per patch standardised if ``target_norm``
+        is "patch", else as the processor normalised the image."""
         p = self.patch
         x = pixel_values[:, 0].unfold(1, p, p).unfold(2, p, p)  # (B, gh, gw, p, p)
         x = x.reshape(x.shape[0], -1, p * p).float()
+        if self.target_norm == "image":
+            return x
         return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:

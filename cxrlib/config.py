@@ -244,7 +244,9 @@ class LMPretrainStage(_PretrainStage):
 
 
 class EncoderPretrainStage(_PretrainStage):
-    pass
+    mask_ratio: float = Field(0.4, gt=0, lt=1)  # share of patches hidden (masked-patch loss)
+    label_weight: NonNegativeFloat = 0.5  # weight of the 13-finding head next to that loss
+    target_norm: Literal["patch", "image"] = "patch"  # masked-patch targets (backbones.TARGET_NORM)
 
 
 class _PhaseStage(_Section):

@@ -27,6 +27,9 @@ from torch.utils.data import ConcatDataset
 
 from cxrlib import engine
 from cxrlib.backbones import (
+    LABEL_WEIGHT,
+    MASK_RATIO,
+    TARGET_NORM,
     EncoderImages,
     ImageBatchCollate,
     MaskedPatchPretrainer,
@@ -292,7 +295,13 @@ def encoder_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, devi
     val_set = EncoderImages(studies, images, processor, "val")
     collate = ImageBatchCollate(processor)
     seed_everything(cfg["seed"])
-    model = MaskedPatchPretrainer(build_encoder(cfg, pretrained=False))
+    section = cfg["train"]["encoder_pretrain"]
+    model = MaskedPatchPretrainer(
+        build_encoder(cfg, pretrained=False),
+        mask_ratio=section.get("mask_ratio", MASK_RATIO),
+        label_weight=section.get("label_weight", LABEL_WEIGHT),
+        target_norm=section.get("target_norm", TARGET_NORM),
+    )
     engine.save_run_info(cfg, target)
     result = _train_stage(
         cfg,

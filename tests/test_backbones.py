@@ -12,7 +12,7 @@ from cxrlib import backbones as B
 from cxrlib import engine as E
 from cxrlib import phases as P
 from cxrlib import train as T
-from cxrlib.config import load_preset
+from cxrlib.config import ConfigError, load_preset
 from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS
 from cxrlib.model import build_encoder
 from cxrlib.tokenizer import train_bpe_tokenizer
@@ -86,6 +86,43 @@ def test_patch_targets_are_normalised_patches():
     p = cfg["encoder"]["patch_size"]  # patch 1 of row 0 is pixels [0:p, p:2p] of channel 0
     raw = pixels[0, 0, :p, p : 2 * p].flatten()
     torch.testing.assert_close(targets[0, 1], (raw - raw.mean()) / raw.std(), atol=1e-3, rtol=0)
+
+
+def test_image_targets_keep_patch_brightness_and_bad_choices_fail():
+    cfg = load_preset("smoke")
+    encoder = build_encoder(cfg, pretrained=False)
+    model = B.MaskedPatchPretrainer(encoder, target_norm="image")
+    size, p = cfg["encoder"]["image_size"], cfg["encoder"]["patch_size"]
+    pixels = torch.randn(1, 3, size, size) + 2.0
+    torch.testing.assert_close(
+        model.patch_targets(pixels)[0, 1], pixels[0, 0, :p, p : 2 * p].flatten()
+    )
+    with pytest.raises(ValueError, match="target_norm"):
+        B.MaskedPatchPretrainer(encoder, target_norm="pixel")
+
+
+def test_encoder_pretrain_knobs_validate_and_reach_the_pretrainer(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="target_norm"):
+        load_preset("smoke", {"train": {"encoder_pretrain": {"target_norm": "pixel"}}})
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_preset("smoke", {"train": {"encoder_pretrain": {"mask_ratio": 1.0}}})
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(encoder, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(P, "MaskedPatchPretrainer", spy)
+    monkeypatch.setattr(P, "read_studies", lambda out: [_study(0, "train"), _study(1, "val")])
+    monkeypatch.setattr(P, "read_images", lambda out: np.zeros((4, 16, 16), np.uint8))
+    knobs = {"mask_ratio": 0.6, "label_weight": 2.0, "target_norm": "image"}
+    cfg = load_preset("smoke", {"train": {"encoder_pretrain": knobs}})
+    with pytest.raises(Stop):
+        P.encoder_pretrain_stage(cfg, tmp_path)
+    assert seen == knobs
 
 
 def test_encoder_objective_learns_a_fixed_batch(tmp_path):
