@@ -49,14 +49,6 @@ from cxrlib.engine import causal_lm_loss
 from cxrlib.evaluate import agreement_counts
 from cxrlib.utils import require_artifact
 
-MASK_RATIO = 0.4  # share of patches hidden from the encoder in masked-patch prediction
-LABEL_WEIGHT = 0.5  # weight of the multi-label head next to the masked-patch loss
-# Masked-patch targets: "patch" normalises each patch to zero mean and unit variance (MAE's
-# default: texture and edges only), "image" keeps each patch's brightness (the image-normalised
-# pixels), which is what an opacity or an effusion changes.
-TARGET_NORM = "patch"
-
-
 # --- data -------------------------------------------------------------------------------------
 
 
@@ -321,14 +313,12 @@ class MaskedPatchPretrainer(nn.Module):
     their pixels (normalised per ``target_norm``) from the last block's output (SimMIM / MAE), plus
     ``label_weight`` x a multi-label BCE of the 13 findings from the mean patch feature.
     Features are read before the final LayerNorm, where the C-Abstractor reads them.
+    The three settings come from ``train.encoder_pretrain`` (their defaults live in
+    ``cxrlib.config.EncoderPretrainStage``).
     """
 
     def __init__(
-        self,
-        encoder: nn.Module,
-        mask_ratio=MASK_RATIO,
-        label_weight=LABEL_WEIGHT,
-        target_norm=TARGET_NORM,
+        self, encoder: nn.Module, *, mask_ratio: float, label_weight: float, target_norm: str
     ):
         super().__init__()
         if target_norm not in ("patch", "image"):

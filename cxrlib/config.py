@@ -246,7 +246,9 @@ class LMPretrainStage(_PretrainStage):
 class EncoderPretrainStage(_PretrainStage):
     mask_ratio: float = Field(0.4, gt=0, lt=1)  # share of patches hidden (masked-patch loss)
     label_weight: NonNegativeFloat = 0.5  # weight of the 13-finding head next to that loss
-    target_norm: Literal["patch", "image"] = "patch"  # masked-patch targets (backbones.TARGET_NORM)
+    # Masked-patch targets: "patch" standardises each patch (MAE's default: texture and edges
+    # only); "image" keeps each patch's brightness, which is what an opacity or effusion changes.
+    target_norm: Literal["patch", "image"] = "patch"
 
 
 class _PhaseStage(_Section):
@@ -379,6 +381,13 @@ def _resolve(name: str | Path, base_dir: Path | None = None, seen: tuple = ()) -
     if parent is None:
         return raw
     return _deep_merge(_resolve(parent, path.parent, seen + (path,)), raw)
+
+
+def with_defaults(section: dict, schema: type[BaseModel]) -> dict:
+    """``section`` with every key it omits set to ``schema``'s default (the one home of those
+    defaults: ``load_preset`` validates the presets but keeps only the keys they spell out)."""
+    defaults = {k: f.default for k, f in schema.model_fields.items() if not f.is_required()}
+    return {**defaults, **section}
 
 
 def load_preset(name: str | Path = DEFAULT_PRESET, overrides: dict | None = None) -> dict[str, Any]:

@@ -27,9 +27,6 @@ from torch.utils.data import ConcatDataset
 
 from cxrlib import engine
 from cxrlib.backbones import (
-    LABEL_WEIGHT,
-    MASK_RATIO,
-    TARGET_NORM,
     EncoderImages,
     ImageBatchCollate,
     MaskedPatchPretrainer,
@@ -44,6 +41,7 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
+from cxrlib.config import EncoderPretrainStage, with_defaults
 from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
@@ -295,12 +293,12 @@ def encoder_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, devi
     val_set = EncoderImages(studies, images, processor, "val")
     collate = ImageBatchCollate(processor)
     seed_everything(cfg["seed"])
-    section = cfg["train"]["encoder_pretrain"]
+    section = with_defaults(cfg["train"]["encoder_pretrain"], EncoderPretrainStage)
     model = MaskedPatchPretrainer(
         build_encoder(cfg, pretrained=False),
-        mask_ratio=section.get("mask_ratio", MASK_RATIO),
-        label_weight=section.get("label_weight", LABEL_WEIGHT),
-        target_norm=section.get("target_norm", TARGET_NORM),
+        mask_ratio=section["mask_ratio"],
+        label_weight=section["label_weight"],
+        target_norm=section["target_norm"],
     )
     engine.save_run_info(cfg, target)
     result = _train_stage(

@@ -12,7 +12,7 @@ from cxrlib import backbones as B
 from cxrlib import engine as E
 from cxrlib import phases as P
 from cxrlib import train as T
-from cxrlib.config import ConfigError, load_preset
+from cxrlib.config import ConfigError, EncoderPretrainStage, load_preset, with_defaults
 from cxrlib.constants import CHEXPERT_LABELS, COT_FINDINGS
 from cxrlib.model import build_encoder
 from cxrlib.tokenizer import train_bpe_tokenizer
@@ -70,10 +70,13 @@ def test_label_vector_counts_positives_only():
     assert len(vec) == 13 and vec[COT_FINDINGS.index("cardiomegaly")] == 1.0 and sum(vec) == 1.0
 
 
-def _pretrainer(seed=0):
+def _pretrainer(seed=0, **overrides):
+    """A smoke-size pretrainer with the preset's settings (``overrides`` replace some)."""
     cfg = load_preset("smoke")
     torch.manual_seed(seed)
-    return B.MaskedPatchPretrainer(build_encoder(cfg, pretrained=False)), cfg
+    section = with_defaults(cfg["train"]["encoder_pretrain"], EncoderPretrainStage)
+    knobs = {k: section[k] for k in ("mask_ratio", "label_weight", "target_norm")} | overrides
+    return B.MaskedPatchPretrainer(build_encoder(cfg, pretrained=False), **knobs), cfg
 
 
 def test_patch_targets_are_normalised_patches():
@@ -89,16 +92,14 @@ def test_patch_targets_are_normalised_patches():
 
 
 def test_image_targets_keep_patch_brightness_and_bad_choices_fail():
-    cfg = load_preset("smoke")
-    encoder = build_encoder(cfg, pretrained=False)
-    model = B.MaskedPatchPretrainer(encoder, target_norm="image")
+    model, cfg = _pretrainer(target_norm="image")
     size, p = cfg["encoder"]["image_size"], cfg["encoder"]["patch_size"]
     pixels = torch.randn(1, 3, size, size) + 2.0
     torch.testing.assert_close(
         model.patch_targets(pixels)[0, 1], pixels[0, 0, :p, p : 2 * p].flatten()
     )
     with pytest.raises(ValueError, match="target_norm"):
-        B.MaskedPatchPretrainer(encoder, target_norm="pixel")
+        _pretrainer(target_norm="pixel")
 
 
 def test_encoder_pretrain_knobs_validate_and_reach_the_pretrainer(monkeypatch, tmp_path):
@@ -123,6 +124,12 @@ def test_encoder_pretrain_knobs_validate_and_reach_the_pretrainer(monkeypatch, t
     with pytest.raises(Stop):
         P.encoder_pretrain_stage(cfg, tmp_path)
     assert seen == knobs
+    # a preset that omits them gets the schema's defaults (presets keep only what they spell out)
+    cfg = load_preset("smoke")
+    assert "target_norm" not in cfg["train"]["encoder_pretrain"]
+    with pytest.raises(Stop):
+        P.encoder_pretrain_stage(cfg, tmp_path)
+    assert seen == {"mask_ratio": 0.4, "label_weight": 0.5, "target_norm": "patch"}
 
 
 def test_encoder_objective_learns_a_fixed_batch(tmp_path):
