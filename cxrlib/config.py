@@ -273,6 +273,7 @@ class Phase1Stage(_PhaseStage):
 class Phase2Stage(_PhaseStage):
     val_per_task: PositiveInt
     abnormal_repeats: PositiveInt = 1
+    boxed_repeats: PositiveInt = 1
     lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 
 

@@ -41,7 +41,7 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
-from cxrlib.config import EncoderPretrainStage, with_defaults
+from cxrlib.config import EncoderPretrainStage, Phase2Stage, with_defaults
 from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
@@ -591,9 +591,10 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
         scale = match_image_token_scale(model, encoder_features(model, data.images, frontal, cfg))
     set_trainable(model, trainable)
     upcast_trainable(model)
+    phase2 = with_defaults(cfg["train"]["phase2"], Phase2Stage)
     train_set = ConversationDataset(
         data.studies, data.images, tokenizer, cfg, split="train", seed=cfg["seed"],
-        abnormal_repeats=cfg["train"]["phase2"].get("abnormal_repeats", 1),
+        abnormal_repeats=phase2["abnormal_repeats"], boxed_repeats=phase2["boxed_repeats"],
     )  # fmt: skip
     collate = ConversationCollate(tokenizer.pad_token_id, cfg)
     val_sets = validation_sets(

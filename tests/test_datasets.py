@@ -171,6 +171,29 @@ def test_abnormal_repeats_balances_the_report_pools(built):
         ConversationDataset(data.studies, data.images, None, cfg, abnormal_repeats=0)
 
 
+def test_boxed_repeats_balances_the_finding_box_pools(built):
+    from cxrlib.data.conversations import finding_boxes
+
+    cfg, _, _, data = built
+    tasks = ["finding_grounding", "cot_single"]
+    plain = ConversationDataset(data.studies, data.images, None, cfg, tasks=tasks)
+    balanced = ConversationDataset(
+        data.studies, data.images, None, cfg, tasks=tasks, boxed_repeats=4
+    )
+
+    def boxed_share(ds, task):
+        pool = ds.pools[task]
+        return sum(any(finding_boxes(im) for im in ds.studies[i]["images"]) for i in pool) / len(
+            pool
+        )
+
+    p, q = boxed_share(plain, "finding_grounding"), boxed_share(balanced, "finding_grounding")
+    assert 0 < p < 1 and q == pytest.approx(4 * p / (4 * p + 1 - p))
+    assert balanced.pools["cot_single"] == plain.pools["cot_single"]  # report pools untouched
+    with pytest.raises(ValueError, match="boxed_repeats"):
+        ConversationDataset(data.studies, data.images, None, cfg, boxed_repeats=0)
+
+
 def test_reconcile_keeps_what_the_findings_text_states():
     mesh = [Finding("Pleural Effusion", side="left"), Finding("Atelectasis"), Finding("Edema")]
     text = "Small left pleural effusion. Possible atelectasis. No pneumothorax."

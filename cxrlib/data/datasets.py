@@ -62,6 +62,7 @@ from cxrlib.data.conversations import (
     NOT_FOUND,
     build_conversation,
     cot_answer,
+    finding_boxes,
     supported_tasks,
 )
 from cxrlib.data.iuxray import load_iu_reports
@@ -92,6 +93,8 @@ from cxrlib.utils import require_artifact
 MADE_BY = NOTEBOOKS["data"]
 # Report-generation tasks, whose pools ``abnormal_repeats`` class-balances.
 REPORT_TASKS = (*TASK_GROUPS["report"], *DIRECT_REPORT_TASKS)
+# Tasks that ask whether a finding is there and where, whose pools ``boxed_repeats`` balances.
+FINDING_BOX_TASKS = ("finding_grounding", "multi_finding_grounding")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
@@ -511,6 +514,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         seed: int = 0,
         length: int | None = None,
         abnormal_repeats: int = 1,
+        boxed_repeats: int = 1,
     ):
         if cfg is None:
             raise ValueError("ConversationDataset needs the preset config (cfg)")
@@ -533,17 +537,25 @@ class ConversationDataset(torch.utils.data.Dataset):
         check_max_images(self.studies)  # warns: the card uses at most 5 images per study
         self.pools = {t: [] for t in candidates}
         per_source: dict[str, list[int]] = {}  # "task@source" -> studies (the official mixture)
-        if abnormal_repeats < 1:
-            raise ValueError(f"abnormal_repeats must be >= 1, got {abnormal_repeats}")
+        for name, value in (
+            ("abnormal_repeats", abnormal_repeats),
+            ("boxed_repeats", boxed_repeats),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         for i, study in enumerate(self.studies):
+            abnormal = cot_answer(study["labels"]) != NOT_FOUND
+            boxed = any(finding_boxes(im) for im in study.get("images", []))
             for task in supported_tasks(study, candidates):
-                # class balance for the report tasks: a study with a positive CoT finding is
-                # drawn abnormal_repeats times as often (train.phase2.abnormal_repeats)
-                k = (
-                    abnormal_repeats
-                    if task in REPORT_TASKS and cot_answer(study["labels"]) != NOT_FOUND
-                    else 1
-                )
+                # class balance (train.phase2.abnormal_repeats / boxed_repeats): a study with a
+                # positive CoT finding is drawn abnormal_repeats times as often for the report
+                # tasks, one with a finding box boxed_repeats times as often for the tasks that
+                # ask where a finding is (else most of their answers are "Not present.")
+                k = 1
+                if task in REPORT_TASKS and abnormal:
+                    k = abnormal_repeats
+                elif task in FINDING_BOX_TASKS and boxed:
+                    k = boxed_repeats
                 self.pools[task] += [i] * k
                 per_source.setdefault(f"{task}@{study['source']}", []).extend([i] * k)
         sizes = {t: len(p) for t, p in self.pools.items()}
