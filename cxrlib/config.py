@@ -268,12 +268,16 @@ class Phase1Stage(_PhaseStage):
     align_steps: NonNegativeInt = 0
     align_lr: PositiveFloat = 1.0e-3
     align_batch: PositiveInt = 64
+    align_target: Literal["description", "checklist"] = (
+        "description"  # phases.word_alignment_targets
+    )
 
 
 class Phase2Stage(_PhaseStage):
     val_per_task: PositiveInt
     abnormal_repeats: PositiveInt = 1
     boxed_repeats: PositiveInt = 1
+    rare_finding_power: NonNegativeFloat = 0.0  # datasets.rare_finding_repeats
     lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 
 

@@ -544,9 +544,9 @@ def drop_unboxed_tasks(
     Returns:
         ``(kept conversations, {task: reason})``.
     """
-    from cxrlib.data.conversations import finding_boxes
+    from cxrlib.data.conversations import has_finding_box
 
-    if any(finding_boxes(im) for s in studies for im in s["images"]):
+    if any(has_finding_box(s) for s in studies):
         return list(conversations), {}
     asked = Counter(c["task"] for c in conversations if c["task"] in ASKED_WITHOUT_BOXES)
     skipped = {

@@ -41,8 +41,8 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
-from cxrlib.config import EncoderPretrainStage, Phase2Stage, with_defaults
-from cxrlib.constants import FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
+from cxrlib.config import EncoderPretrainStage, Phase1Stage, Phase2Stage, with_defaults
+from cxrlib.constants import COT_FINDINGS, FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
 from cxrlib.data.features import cached_features, encoder_features
@@ -50,6 +50,7 @@ from cxrlib.data.text_instructions import (
     InstructionRows,
     describe_image,
     findings_report_rows,
+    image_checklist,
     image_records,
     with_text_instructions,
 )
@@ -353,21 +354,90 @@ def match_image_token_scale(model, features: torch.Tensor) -> float:
     return model.projector.match_output_norm(features, target)
 
 
+def _word_vector(model, word: str) -> torch.Tensor:
+    """The mean input embedding of ``word``'s tokens (as it is written after a space)."""
+    embeddings = model.llm.get_input_embeddings().weight.detach()
+    ids = model.tokenizer(f" {word}", add_special_tokens=False)["input_ids"]
+    return embeddings[torch.tensor(ids, device=embeddings.device)].float().mean(0)
+
+
+def word_alignment_targets(model, records: list[tuple[dict, dict]], kind: str) -> torch.Tensor:
+    """What each image's tokens are regressed onto: ``(images, image tokens, LLM width)``.
+
+    ``kind``: ``description``: token ``k`` is the input embedding of the ``k``-th token of the
+    image's ``describe_image`` text (the words the small LLM learnt to read in its text
+    instructions), padded with the last token. ``checklist``: the first tokens are the
+    ``image_checklist`` slots (the view, then one per CoT finding: its name's mean embedding,
+    ``possible`` or ``no``), the rest the description's first tokens.
+
+    Why a checklist (``tiny``, docs/recipe-log.md E12): in a description the ``k``-th token is a
+    different word from image to image (it depends on the findings before it), so squared error
+    regresses most tokens to an average word; after 1,500 steps the aligned tokens decoded to
+    the nearest words named cardiomegaly and lung opacity and no other finding, even on
+    training images. A slot that always means the same finding only has to say yes or no.
+    """
+    embeddings = model.llm.get_input_embeddings().weight.detach()
+    m = model.num_image_tokens
+    if kind not in ("description", "checklist"):
+        raise ValueError(f"align_target must be 'description' or 'checklist', got {kind!r}")
+    slots = 1 + len(COT_FINDINGS)
+    if kind == "checklist" and m < slots:
+        raise ValueError(
+            f"align_target 'checklist' needs at least {slots} image tokens (the view and "
+            f"{len(COT_FINDINGS)} findings), the projector makes {m}: raise "
+            "projector.num_queries or set train.phase1.align_target: description"
+        )
+    word_vector = {}
+    rows = []
+    for record, image in records:
+        ids = list(
+            model.tokenizer(f"({describe_image(record, image)})", add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+        description = embeddings[torch.tensor((ids + ids[-1:] * m)[:m], device=embeddings.device)]
+        if kind == "description":
+            rows.append(description.float())
+            continue
+        words = image_checklist(record, image)
+        for w in words:
+            if w not in word_vector:
+                word_vector[w] = _word_vector(model, w)
+        checklist = torch.stack([word_vector[w] for w in words])
+        rows.append(torch.cat([checklist, description[: m - slots].float()]))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def read_checklist(model, image_tokens: torch.Tensor) -> list[list[str]]:
+    """The CoT findings each image's checklist slots name: slot ``1 + k`` says finding ``k`` when
+    it lies nearer that finding's word than ``no`` and ``possible`` (``image_tokens``: ``(images,
+    image tokens, width)``, the projector's output after a ``checklist`` alignment)."""
+    said = [[] for _ in range(len(image_tokens))]
+    others = torch.stack([_word_vector(model, "no"), _word_vector(model, "possible")])
+    for k, finding in enumerate(COT_FINDINGS):
+        slot = image_tokens[:, 1 + k].float()
+        named = (slot - _word_vector(model, finding)).norm(dim=-1)
+        rest = torch.cdist(slot, others.to(slot.device)).min(-1).values
+        for i in torch.nonzero(named < rest).flatten().tolist():
+            said[i].append(finding)
+    return said
+
+
 def align_projector_to_words(
     model,
     features: torch.Tensor,
-    texts: list[str],
+    targets: torch.Tensor,
     steps: int,
     lr: float,
     batch_size: int,
     seed: int,
 ) -> dict:
-    """Teach the projector to write each image's description in the LLM's word-embedding space.
+    """Teach the projector to write each image's facts in the LLM's word-embedding space.
 
-    Image token ``k`` of an image is regressed (squared error) onto the input embedding of the
-    ``k``-th token of its description (``cxrlib.data.text_instructions.describe_image``, the
-    words the small LLM learnt to read in its text instructions), padded with the last token.
-    Only the projector trains and the LLM is not run, so a step costs one projector forward.
+    Each image token is regressed (squared error) onto its target in ``targets`` (``(images,
+    image tokens, LLM width)``, from ``word_alignment_targets``). Only the projector trains and
+    the LLM is not run, so a step costs one projector forward.
 
     Why (``tiny`` only, issue 14): trained on report pairs alone, the projector's tokens get
     almost no attention from the small LLM beyond its first layer (their input gradient was 55x
@@ -380,14 +450,8 @@ def align_projector_to_words(
         ``{"steps", "first_loss", "final_loss", "constant_loss"}``; ``constant_loss`` is what the
         best image-blind output (the mean target) would score.
     """
-    embeddings = model.llm.get_input_embeddings().weight.detach()
-    m = model.num_image_tokens
-    rows = []
-    for text in texts:
-        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])[:m]
-        rows.append(ids + ids[-1:] * (m - len(ids)))
-    device = embeddings.device
-    targets = embeddings[torch.tensor(rows, device=device)].float()
+    device = model.llm.get_input_embeddings().weight.device
+    targets = targets.to(device).float()
     params = [p for p in model.projector.parameters()]
     was = [p.requires_grad for p in params]
     for p in params:
@@ -457,16 +521,15 @@ def phase1_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
             probe = encoder_features(model, data.images, train_pairs.image_indices[:64], cfg)
         scale = match_image_token_scale(model, probe)
     alignment = None
-    section = cfg["train"]["phase1"]
-    if section.get("align_steps", 0):
+    section = with_defaults(cfg["train"]["phase1"], Phase1Stage)
+    if section["align_steps"]:
         t0 = time.perf_counter()
         records = [r for s in data.split("train") for r in image_records(s).values()]
         features = cached_features(model, data.images, [im["index"] for _, im in records], cfg,
                                    target / "alignment_features.pt", accelerator)  # fmt: skip
-        texts = [f"({describe_image(record, image)})" for record, image in records]
-        alignment = align_projector_to_words(model, features, texts, section["align_steps"],
-                                             section.get("align_lr", 1e-3),
-                                             section.get("align_batch", 64),
+        targets = word_alignment_targets(model, records, section["align_target"])
+        alignment = align_projector_to_words(model, features, targets, section["align_steps"],
+                                             section["align_lr"], section["align_batch"],
                                              cfg["seed"])  # fmt: skip
         timings["alignment"] = time.perf_counter() - t0
     collate = ConversationCollate(tokenizer.pad_token_id, cfg)
@@ -595,6 +658,7 @@ def phase2_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="auto")
     train_set = ConversationDataset(
         data.studies, data.images, tokenizer, cfg, split="train", seed=cfg["seed"],
         abnormal_repeats=phase2["abnormal_repeats"], boxed_repeats=phase2["boxed_repeats"],
+        rare_finding_power=phase2["rare_finding_power"],
     )  # fmt: skip
     collate = ConversationCollate(tokenizer.pad_token_id, cfg)
     val_sets = validation_sets(

@@ -172,7 +172,7 @@ def test_abnormal_repeats_balances_the_report_pools(built):
 
 
 def test_boxed_repeats_balances_the_finding_box_pools(built):
-    from cxrlib.data.conversations import finding_boxes
+    from cxrlib.data.conversations import has_finding_box
 
     cfg, _, _, data = built
     tasks = ["finding_grounding", "cot_single"]
@@ -183,15 +183,45 @@ def test_boxed_repeats_balances_the_finding_box_pools(built):
 
     def boxed_share(ds, task):
         pool = ds.pools[task]
-        return sum(any(finding_boxes(im) for im in ds.studies[i]["images"]) for i in pool) / len(
-            pool
-        )
+        return sum(has_finding_box(ds.studies[i]) for i in pool) / len(pool)
 
     p, q = boxed_share(plain, "finding_grounding"), boxed_share(balanced, "finding_grounding")
     assert 0 < p < 1 and q == pytest.approx(4 * p / (4 * p + 1 - p))
     assert balanced.pools["cot_single"] == plain.pools["cot_single"]  # report pools untouched
     with pytest.raises(ValueError, match="boxed_repeats"):
         ConversationDataset(data.studies, data.images, None, cfg, boxed_repeats=0)
+
+
+def test_rare_finding_repeats_draw_a_rare_finding_s_study_more_often():
+    """power 1: a study's weight is (most common finding's count / its rarest finding's count),
+    rounded and capped; studies without a positive finding and power 0 keep weight 1."""
+    from cxrlib.data.datasets import MAX_RARE_REPEATS, rare_finding_repeats
+
+    def study(*labels):
+        return {"labels": {name: 1 for name in labels}}
+
+    studies = [study("Cardiomegaly")] * 6 + [study("Fracture")] * 2 + [study("Edema")]
+    studies += [study(), study("Cardiomegaly", "Edema")]
+    got = rare_finding_repeats(studies, 1.0)
+    # counts: cardiomegaly 7, fracture 2, edema 2 -> 7/2 = 3.5 rounds to 4
+    assert got == [1] * 6 + [4, 4, 4, 1, 4]
+    assert rare_finding_repeats(studies, 0.0) == [1] * len(studies)
+    assert max(rare_finding_repeats([study("Cardiomegaly")] * 50 + [study("Edema")], 1.0)) == (
+        MAX_RARE_REPEATS
+    )
+
+
+def test_rare_finding_power_weights_only_the_abnormal_report_pools(built):
+    cfg, _, _, data = built
+    tasks = ["cot_single", "multi_label"]
+    plain = ConversationDataset(data.studies, data.images, None, cfg, tasks=tasks)
+    balanced = ConversationDataset(
+        data.studies, data.images, None, cfg, tasks=tasks, rare_finding_power=1.0
+    )
+    assert len(balanced.pools["cot_single"]) > len(plain.pools["cot_single"])
+    assert balanced.pools["multi_label"] == plain.pools["multi_label"]
+    with pytest.raises(ValueError, match="rare_finding_power"):
+        ConversationDataset(data.studies, data.images, None, cfg, rare_finding_power=-1)
 
 
 def test_reconcile_keeps_what_the_findings_text_states():

@@ -9,6 +9,7 @@ from cxrlib.data.conversations import build_conversation
 from cxrlib.data.text_instructions import (
     TextInstructionError,
     describe_image,
+    image_checklist,
     packed_instruction_rows,
     text_conversations,
     to_text_conversation,
@@ -25,6 +26,18 @@ def test_describe_image_names_findings_boxes_and_organs():
     assert "pleural effusion, left lower zone, moderate at [55,68,94,99]" in text
     assert "possible atelectasis" in text  # uncertain: named as such, no box
     assert "left lung at [" in text and "heart at [" in text
+
+
+def test_image_checklist_gives_every_cot_finding_its_own_slot():
+    from cxrlib.constants import COT_FINDINGS
+
+    study = example_study()
+    words = image_checklist(study, study["images"][0])
+    assert len(words) == 1 + len(COT_FINDINGS) and words[0] == "PA"
+    slot = dict(zip(COT_FINDINGS, words[1:]))
+    assert slot["cardiomegaly"] == "cardiomegaly" and slot["pleural effusion"] == "pleural effusion"
+    assert slot["atelectasis"] == "possible"  # uncertain
+    assert slot["fracture"] == "no"
 
 
 def test_text_conversation_replaces_every_image_and_keeps_answers():

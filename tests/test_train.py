@@ -484,13 +484,52 @@ def test_word_alignment_makes_the_projector_write_each_image_s_words():
     from cxrlib.model.toy import toy_model
     from cxrlib.phases import align_projector_to_words
 
-    model, _, cfg = toy_model("smoke")
+    model, tok, cfg = toy_model("smoke")
     n, p, c = 32, model.projector.num_input_tokens, cfg["encoder"]["hidden_size"]
+    m = model.num_image_tokens
     kind = torch.arange(n) % 2
     features = torch.randn(n, p, c) * 0.1 + kind.view(n, 1, 1).float()
-    texts = ["(cardiomegaly)" if k else "(no abnormality)" for k in kind.tolist()]
+    emb = model.llm.get_input_embeddings().weight.detach().float()
+    ids = [
+        tok(w, add_special_tokens=False)["input_ids"]
+        for w in ("(no abnormality)", "(cardiomegaly)")
+    ]
+    words = [emb[(i + i[-1:] * m)[:m]] for i in ids]  # each text's first m tokens, as a description
+    targets = torch.stack([words[k] for k in kind.tolist()])
     got = align_projector_to_words(
-        model, features, texts, steps=150, lr=3e-3, batch_size=16, seed=0
+        model, features, targets, steps=150, lr=3e-3, batch_size=16, seed=0
     )
     assert got["final_loss"] < 0.7 * got["constant_loss"] < got["first_loss"]
     assert not any(q.requires_grad for q in model.projector.parameters())  # frozen as before
+
+
+def test_checklist_alignment_targets_give_each_finding_a_fixed_token():
+    """Slot 1 + k of a checklist target is finding k's word (or "no"), whatever else the image
+    shows; a projector with fewer tokens than slots is an error that names the fix."""
+    from cxrlib.constants import COT_FINDINGS
+    from cxrlib.model.toy import toy_model
+    from cxrlib.phases import read_checklist, word_alignment_targets
+
+    model, tok, _ = toy_model("smoke", overrides={"projector": {"num_queries": 16}})
+    emb = model.llm.get_input_embeddings().weight.detach().float()
+
+    def word(w):
+        return emb[tok(f" {w}", add_special_tokens=False)["input_ids"]].mean(0)
+
+    image = {"view": "PA", "hw": [64, 64], "index": 0}
+    records = [({"labels": {"Cardiomegaly": 1.0}}, image),
+               ({"labels": {"Cardiomegaly": 1.0, "Edema": 1.0, "Fracture": -1.0}}, image)]  # fmt: skip
+    targets = word_alignment_targets(model, records, "checklist")
+    assert targets.shape == (2, 16, emb.shape[1])
+    k = 1 + COT_FINDINGS.index("cardiomegaly")
+    assert torch.allclose(targets[0, k], word("cardiomegaly"))
+    assert torch.allclose(targets[1, k], word("cardiomegaly"))
+    assert torch.allclose(targets[0, 1 + COT_FINDINGS.index("edema")], word("no"))
+    assert torch.allclose(targets[1, 1 + COT_FINDINGS.index("edema")], word("edema"))
+    assert torch.allclose(targets[1, 1 + COT_FINDINGS.index("fracture")], word("possible"))
+    assert torch.allclose(targets[0, 0], word("PA"))
+    # the targets themselves read back as the positive findings (uncertain is not named)
+    assert read_checklist(model, targets) == [["cardiomegaly"], ["cardiomegaly", "edema"]]
+    small, _, _ = toy_model("smoke")
+    with pytest.raises(ValueError, match="projector.num_queries"):
+        word_alignment_targets(small, records, "checklist")

@@ -303,6 +303,11 @@ def finding_boxes(image: dict) -> dict[str, list[list[int]]]:
     return {k: sorted(out[k]) for k in sorted(out, key=order.get)}
 
 
+def has_finding_box(study: dict) -> bool:
+    """Whether any image of ``study`` has a visible box of a positive finding."""
+    return any(finding_boxes(im) for im in study.get("images", []))
+
+
 def organ_boxes(image: dict) -> dict[str, list[int]]:
     """Visible 0-100 organ boxes of ``image`` (``left lung``, ``right lung``, ``heart``)."""
     if not image.get("organ_boxes"):

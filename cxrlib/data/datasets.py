@@ -38,6 +38,7 @@ import time
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -62,7 +63,8 @@ from cxrlib.data.conversations import (
     NOT_FOUND,
     build_conversation,
     cot_answer,
-    finding_boxes,
+    has_finding_box,
+    positive_findings,
     supported_tasks,
 )
 from cxrlib.data.iuxray import load_iu_reports
@@ -97,6 +99,7 @@ REPORT_TASKS = (*TASK_GROUPS["report"], *DIRECT_REPORT_TASKS)
 FINDING_BOX_TASKS = ("finding_grounding", "multi_finding_grounding")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
+MAX_RARE_REPEATS = 8  # most draws a rare finding's study gets (rare_finding_repeats)
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
 MAX_IMAGES_PER_CONVERSATION = 5  # the card: multi-image prompts use up to 5 images of a study
 
@@ -481,6 +484,26 @@ def _all_images(study: dict) -> list[dict]:
 # --- serving ----------------------------------------------------------------------------------------
 
 
+def rare_finding_repeats(studies: Sequence[dict], power: float) -> list[int]:
+    """How many times each study enters the report-task pools for its rarest positive finding:
+    ``round((n_common / n_rarest) ** power)``, at most ``MAX_RARE_REPEATS``, where ``n`` counts
+    the studies of ``studies`` positive for a CoT finding (``n_common``: the most frequent one).
+    1 for a study without one, and for every study when ``power`` is 0 (the card's draw).
+
+    Why (``train.phase2.rare_finding_power``, docs/recipe-log.md E13): greedy decoding names a
+    finding only when the model puts it above 50%, and a finding seen in 2% of the studies
+    rarely gets there from faint evidence."""
+    positives = [positive_findings(s["labels"]) for s in studies]
+    counts = Counter(f for p in positives for f in p)
+    if power == 0 or not counts:
+        return [1] * len(studies)
+    common = max(counts.values())
+    return [
+        min(MAX_RARE_REPEATS, round((common / min(counts[f] for f in p)) ** power)) if p else 1
+        for p in positives
+    ]
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversations drawn from a task mixture, tokenized, with their raw images.
 
@@ -515,6 +538,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         length: int | None = None,
         abnormal_repeats: int = 1,
         boxed_repeats: int = 1,
+        rare_finding_power: float = 0.0,
     ):
         if cfg is None:
             raise ValueError("ConversationDataset needs the preset config (cfg)")
@@ -543,9 +567,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if rare_finding_power < 0:
+            raise ValueError(f"rare_finding_power must be >= 0, got {rare_finding_power}")
+        rarity = rare_finding_repeats(self.studies, rare_finding_power)
         for i, study in enumerate(self.studies):
             abnormal = cot_answer(study["labels"]) != NOT_FOUND
-            boxed = any(finding_boxes(im) for im in study.get("images", []))
+            boxed = has_finding_box(study)
             for task in supported_tasks(study, candidates):
                 # class balance (train.phase2.abnormal_repeats / boxed_repeats): a study with a
                 # positive CoT finding is drawn abnormal_repeats times as often for the report
@@ -553,7 +580,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 # ask where a finding is (else most of their answers are "Not present.")
                 k = 1
                 if task in REPORT_TASKS and abnormal:
-                    k = abnormal_repeats
+                    k = abnormal_repeats * rarity[i]
                 elif task in FINDING_BOX_TASKS and boxed:
                     k = boxed_repeats
                 self.pools[task] += [i] * k

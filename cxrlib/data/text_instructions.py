@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from cxrlib.constants import (
+    COT_FINDINGS,
     FRONTAL_VIEWS,
     IMAGE_TOKEN,
     MIXTURE_TASKS,
@@ -98,6 +99,20 @@ def describe_image(record: dict, image: dict) -> str:
     if image["view"] in FRONTAL_VIEWS:
         parts += [f"{organ} at {format_box(box)}" for organ, box in organ_boxes(image).items()]
     return "; ".join(parts)
+
+
+def image_checklist(record: dict, image: dict) -> list[str]:
+    """One image's findings as a fixed-slot list of words: the view, then one word per CoT finding
+    in the card's order (its name if positive, ``"possible"`` if uncertain, ``"no"`` otherwise),
+    e.g. ``["PA", "no", "cardiomegaly", "no", ...]``. Slot ``k`` always means the same finding,
+    unlike ``describe_image``, where a finding's position depends on the words before it."""
+    view = image["view"] if image["view"] in FRONTAL_VIEWS else "lateral"
+    labels = record.get("labels", {})
+    words = {POSITIVE: None, UNCERTAIN: "possible"}
+    return [view] + [
+        (words[labels[LABEL_OF[f]]] or f) if labels.get(LABEL_OF[f]) in words else "no"
+        for f in COT_FINDINGS
+    ]
 
 
 def image_records(study: dict) -> dict[int, tuple[dict, dict]]:
