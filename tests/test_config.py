@@ -11,10 +11,12 @@ from cxrlib.config import (
     PRESETS,
     SCHEDULES,
     ConfigError,
+    Phase2Stage,
     load_config,
     load_preset,
     num_patches,
     save_config,
+    with_defaults,
 )
 from cxrlib.constants import LORA_TARGETS
 
@@ -68,6 +70,13 @@ def test_paper_preset_carries_the_official_settings():
     )
     assert p1["trainable"] == ["projector"]
     assert p2["trainable"] == ["lora", "projector", "encoder"]
+    # the card draws studies uniformly: none of tiny's class balance
+    phase2 = with_defaults(p2, Phase2Stage)
+    assert (phase2["abnormal_repeats"], phase2["boxed_repeats"], phase2["rare_finding_power"]) == (
+        1,
+        1,
+        0,
+    )
     assert cfg["llm"]["max_length"] == 4095
     assert cfg["inference"]["max_new_tokens"] == 500
 
