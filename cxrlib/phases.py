@@ -372,9 +372,9 @@ def word_alignment_targets(model, records: list[tuple[dict, dict]], kind: str) -
 
     Why a checklist (``tiny``, docs/recipe-log.md E12): in a description the ``k``-th token is a
     different word from image to image (it depends on the findings before it), so squared error
-    regresses most tokens to an average word; after 1,500 steps the aligned tokens decoded to
-    the nearest words named cardiomegaly and lung opacity and no other finding, even on
-    training images. A slot that always means the same finding only has to say yes or no.
+    regresses most tokens to an average word; after phase 1 the image tokens, decoded to their
+    nearest words, named cardiomegaly and lung opacity and no other finding, even on training
+    images. A slot that always means the same finding only has to say yes or no.
     """
     embeddings = model.llm.get_input_embeddings().weight.detach()
     m = model.num_image_tokens
@@ -390,11 +390,8 @@ def word_alignment_targets(model, records: list[tuple[dict, dict]], kind: str) -
     word_vector = {}
     rows = []
     for record, image in records:
-        ids = list(
-            model.tokenizer(f"({describe_image(record, image)})", add_special_tokens=False)[
-                "input_ids"
-            ]
-        )
+        text = f"({describe_image(record, image)})"
+        ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
         description = embeddings[torch.tensor((ids + ids[-1:] * m)[:m], device=embeddings.device)]
         if kind == "description":
             rows.append(description.float())
