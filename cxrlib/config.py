@@ -240,6 +240,7 @@ class LMPretrainStage(_PretrainStage):
     instruction_packing: Literal["cut", "whole"] = "cut"
     report_corpus: Literal["plain", "findings_then_report"] = "plain"
     abnormal_repeats: PositiveInt = 1
+    rare_finding_power: NonNegativeFloat = 0.0  # conversations.rare_finding_repeats
     text_instruction_weights: dict[str, NonNegativeFloat] | None = None
 
 
@@ -277,7 +278,7 @@ class Phase2Stage(_PhaseStage):
     val_per_task: PositiveInt
     abnormal_repeats: PositiveInt = 1
     boxed_repeats: PositiveInt = 1
-    rare_finding_power: NonNegativeFloat = 0.0  # datasets.rare_finding_repeats
+    rare_finding_power: NonNegativeFloat = 0.0  # conversations.rare_finding_repeats
     lr_scale: dict[Literal[TRAINABLE_PARTS], PositiveFloat] = {}
 
 

@@ -41,7 +41,13 @@ from cxrlib.backbones import (
     read_studies,
     report_corpus,
 )
-from cxrlib.config import EncoderPretrainStage, Phase1Stage, Phase2Stage, with_defaults
+from cxrlib.config import (
+    EncoderPretrainStage,
+    LMPretrainStage,
+    Phase1Stage,
+    Phase2Stage,
+    with_defaults,
+)
 from cxrlib.constants import COT_FINDINGS, FRONTAL_VIEWS, MIXTURE_TASKS, NOTEBOOKS
 from cxrlib.data.batches import ConversationCollate, Phase1Pairs
 from cxrlib.data.datasets import ConversationDataset, load_datasets
@@ -227,18 +233,19 @@ def lm_pretrain_stage(cfg, out_dir: Path, resume=True, max_steps=None, device="a
     if cfg["llm"]["hf_id"]:
         return _pretrained_summary(cfg, "llm", "lm_pretrain")
     target = stage_dir("lm_pretrain", out_dir)
-    section = cfg["train"]["lm_pretrain"]
+    section = with_defaults(cfg["train"]["lm_pretrain"], LMPretrainStage)
     hp = engine.HParams.from_section(section, "lm_pretrain")
     tokenizer = stage_tokenizer(cfg, out_dir)
     studies = read_studies(out_dir)
-    box_texts = box_corpus(section.get("box_texts", 0), cfg["seed"])
-    if section.get("report_corpus", "plain") == "findings_then_report":
+    box_texts = box_corpus(section["box_texts"], cfg["seed"])
+    if section["report_corpus"] == "findings_then_report":
         # each Findings section after its own turn-1 answer (the skill turn 2 needs); the
         # impressions stay plain text
         impressions = report_corpus(studies, "train", sections=("impression",))
         train_set = ConcatDataset([
             InstructionRows(findings_report_rows(studies, tokenizer, section["seq_len"],
-                                                 section.get("abnormal_repeats", 1))),
+                                                 section["abnormal_repeats"],
+                                                 section["rare_finding_power"])),
             PackedText(impressions + box_texts, tokenizer, section["seq_len"]),
         ])  # fmt: skip
     else:

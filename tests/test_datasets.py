@@ -192,25 +192,6 @@ def test_boxed_repeats_balances_the_finding_box_pools(built):
         ConversationDataset(data.studies, data.images, None, cfg, boxed_repeats=0)
 
 
-def test_rare_finding_repeats_draw_a_rare_finding_s_study_more_often():
-    """power 1: a study's weight is (most common finding's count / its rarest finding's count),
-    rounded and capped; studies without a positive finding and power 0 keep weight 1."""
-    from cxrlib.data.datasets import MAX_RARE_REPEATS, rare_finding_repeats
-
-    def study(*labels):
-        return {"labels": {name: 1 for name in labels}}
-
-    studies = [study("Cardiomegaly")] * 6 + [study("Fracture")] * 2 + [study("Edema")]
-    studies += [study(), study("Cardiomegaly", "Edema")]
-    got = rare_finding_repeats(studies, 1.0)
-    # counts: cardiomegaly 7, fracture 2, edema 2 -> 7/2 = 3.5 rounds to 4
-    assert got == [1] * 6 + [4, 4, 4, 1, 4]
-    assert rare_finding_repeats(studies, 0.0) == [1] * len(studies)
-    assert max(rare_finding_repeats([study("Cardiomegaly")] * 50 + [study("Edema")], 1.0)) == (
-        MAX_RARE_REPEATS
-    )
-
-
 def test_rare_finding_power_weights_only_the_abnormal_report_pools(built):
     cfg, _, _, data = built
     tasks = ["cot_single", "multi_label"]

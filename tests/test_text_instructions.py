@@ -177,6 +177,29 @@ def test_findings_report_rows_put_each_report_after_its_findings():
     assert tok.decode(twice.flatten()).count("Not found.") == 1
 
 
+def test_findings_report_rows_repeat_a_rare_finding_s_report_more_often():
+    """rare_finding_power 1: three cardiomegaly reports and one edema report, so the edema
+    report is read 3x (and x abnormal_repeats); power 0 keeps one copy each."""
+    from cxrlib.data.text_instructions import findings_report_rows
+
+    def report(i, label, text):
+        return {**example_study(), "source": "iu", "study_id": f"R{i}",
+                "labels": {label: 1}, "findings_text": text}  # fmt: skip
+
+    studies = [report(i, "Cardiomegaly", "The heart is enlarged.") for i in range(3)]
+    studies.append(report(3, "Edema", "There is pulmonary edema."))
+    tok = _report_tokenizer(studies)
+
+    def count(power, repeats=1):
+        rows = findings_report_rows(studies, tok, 1, repeats, rare_finding_power=power)
+        text = tok.decode(rows.flatten())
+        return text.count("heart is enlarged"), text.count("pulmonary edema")
+
+    assert count(0.0) == (3, 1)
+    assert count(1.0) == (3, 3)
+    assert count(1.0, repeats=2) == (6, 6)
+
+
 def test_turn2_dependence_counts_what_turn1_named():
     from transformers import MistralConfig, MistralForCausalLM
 

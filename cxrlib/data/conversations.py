@@ -43,6 +43,7 @@ Introduced in notebook 01; ``cxrlib.inference`` reuses the prompt helpers (``rep
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -184,6 +185,30 @@ def finding_name(observation: str) -> str:
 def positive_findings(labels: dict) -> list[str]:
     """Lowercase positive findings (label == 1) in the card's CoT order; uncertain is absent."""
     return [f for f in COT_FINDINGS if labels.get(LABEL_OF[f]) == POSITIVE]
+
+
+MAX_RARE_REPEATS = 8  # most draws a rare finding's study gets (rare_finding_repeats)
+
+
+def rare_finding_repeats(studies: Sequence[dict], power: float) -> list[int]:
+    """How many times each study is repeated for its rarest positive finding (in phase 2's
+    report-task pools and in the LM's findings -> report corpus):
+    ``round((n_common / n_rarest) ** power)``, at most ``MAX_RARE_REPEATS``, where ``n`` counts
+    the studies of ``studies`` positive for a CoT finding (``n_common``: the most frequent one).
+    1 for a study without one, and for every study when ``power`` is 0 (the card's draw).
+
+    Why (``train.phase2.rare_finding_power``, ``train.lm_pretrain.rare_finding_power``;
+    docs/recipe-log.md E13, E14): greedy decoding names a finding only when the model puts it
+    above 50%, and a finding seen in 2% of the studies rarely gets there from faint evidence."""
+    positives = [positive_findings(s["labels"]) for s in studies]
+    counts = Counter(f for p in positives for f in p)
+    if power == 0 or not counts:
+        return [1] * len(studies)
+    common = max(counts.values())
+    return [
+        min(MAX_RARE_REPEATS, round((common / min(counts[f] for f in p)) ** power)) if p else 1
+        for p in positives
+    ]
 
 
 def cot_answer(labels: dict) -> str:

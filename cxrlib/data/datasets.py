@@ -38,7 +38,6 @@ import time
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -64,7 +63,7 @@ from cxrlib.data.conversations import (
     build_conversation,
     cot_answer,
     has_finding_box,
-    positive_findings,
+    rare_finding_repeats,
     supported_tasks,
 )
 from cxrlib.data.iuxray import load_iu_reports
@@ -99,7 +98,6 @@ REPORT_TASKS = (*TASK_GROUPS["report"], *DIRECT_REPORT_TASKS)
 FINDING_BOX_TASKS = ("finding_grounding", "multi_finding_grounding")
 FILES = ("images.npy", "studies.jsonl", "splits.json", "config.json", "stats.json")
 MAX_TRIES = 20  # studies tried before giving up on a drawn task
-MAX_RARE_REPEATS = 8  # most draws a rare finding's study gets (rare_finding_repeats)
 PHANTOM_MAX_IMAGES = 2  # the renderer draws a frontal and a lateral view
 MAX_IMAGES_PER_CONVERSATION = 5  # the card: multi-image prompts use up to 5 images of a study
 
@@ -482,26 +480,6 @@ def _all_images(study: dict) -> list[dict]:
 
 
 # --- serving ----------------------------------------------------------------------------------------
-
-
-def rare_finding_repeats(studies: Sequence[dict], power: float) -> list[int]:
-    """How many times each study enters the report-task pools for its rarest positive finding:
-    ``round((n_common / n_rarest) ** power)``, at most ``MAX_RARE_REPEATS``, where ``n`` counts
-    the studies of ``studies`` positive for a CoT finding (``n_common``: the most frequent one).
-    1 for a study without one, and for every study when ``power`` is 0 (the card's draw).
-
-    Why (``train.phase2.rare_finding_power``, docs/recipe-log.md E13): greedy decoding names a
-    finding only when the model puts it above 50%, and a finding seen in 2% of the studies
-    rarely gets there from faint evidence."""
-    positives = [positive_findings(s["labels"]) for s in studies]
-    counts = Counter(f for p in positives for f in p)
-    if power == 0 or not counts:
-        return [1] * len(studies)
-    common = max(counts.values())
-    return [
-        min(MAX_RARE_REPEATS, round((common / min(counts[f] for f in p)) ** power)) if p else 1
-        for p in positives
-    ]
 
 
 class ConversationDataset(torch.utils.data.Dataset):

@@ -49,6 +49,7 @@ from cxrlib.data.conversations import (
     finding_name,
     location_answer,
     organ_boxes,
+    rare_finding_repeats,
     report_user_turns,
 )
 from cxrlib.data.tokenize import cut_into_rows, encode_conversation, user_text
@@ -235,7 +236,11 @@ def packed_instruction_rows(
 
 
 def findings_report_rows(
-    studies: Sequence[dict], tokenizer, seq_len: int, abnormal_repeats: int = 1
+    studies: Sequence[dict],
+    tokenizer,
+    seq_len: int,
+    abnormal_repeats: int = 1,
+    rare_finding_power: float = 0.0,
 ) -> torch.Tensor:
     """The training reports as the tail of a CoT conversation, packed and cut like report text:
     ``<s>{turn-1 answer}</s>[INST] {turn-2 question} [/INST]{Findings}</s>``.
@@ -245,19 +250,25 @@ def findings_report_rows(
     of turn 1 call for). Plain packed reports never show that link and whole CoT conversations
     show it once per ~200 tokens (docs/recipe-log.md E5). IU / MIMIC-CXR training studies only;
     a study with a positive finding appears ``abnormal_repeats`` times (class balance: 71% of the
-    IU training reports name none, and the link lives in the others).
+    IU training reports name none, and the link lives in the others), times its rare-finding
+    factor (``rare_finding_repeats`` at ``rare_finding_power``: a report that names edema is as
+    rare a lesson as an edema image, docs/recipe-log.md E14).
     """
     turn2 = user_text(report_user_turns("single", 1, cot=True)[1], first=False)
     turn2_ids = list(tokenizer(turn2, add_special_tokens=False)["input_ids"])
+    reports = [
+        s for s in studies
+        if s["split"] == "train" and s["source"] in REPORT_SOURCES
+        and (s.get("findings_text") or "").strip()
+    ]  # fmt: skip
+    rarity = rare_finding_repeats(reports, rare_finding_power)
     ids: list[int] = []
-    for s in studies:
-        text = (s.get("findings_text") or "").strip()
-        if s["split"] != "train" or s["source"] not in REPORT_SOURCES or not text:
-            continue
+    for s, rare in zip(reports, rarity):
+        text = s["findings_text"].strip()
         answer_text = cot_answer(s["labels"])
         answer = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
         report = tokenizer(text, add_special_tokens=False)["input_ids"]
-        repeats = abnormal_repeats if answer_text != NOT_FOUND else 1
+        repeats = abnormal_repeats * rare if answer_text != NOT_FOUND else 1
         ids += repeats * [tokenizer.bos_token_id, *answer, tokenizer.eos_token_id, *turn2_ids,
                           *report, tokenizer.eos_token_id]  # fmt: skip
     return cut_into_rows(ids, seq_len, "findings and reports")
